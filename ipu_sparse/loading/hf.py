@@ -1,0 +1,94 @@
+"""Load a Hugging Face Llama-family checkpoint directory (config.json + *.safetensors)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Tuple
+
+import torch
+
+from ..config import ModelConfig
+from ..errors import UserError
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+
+
+def config_from_hf(hf: dict, path) -> ModelConfig:
+    mt = hf.get("model_type")
+    if mt not in SUPPORTED_MODEL_TYPES:
+        raise UserError(f"{path}: unsupported model_type {mt!r} in config.json (supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    try:
+        n_heads = int(hf["num_attention_heads"])
+        eos = hf.get("eos_token_id")
+        return ModelConfig(
+            name=str(hf.get("_name_or_path") or Path(path).name),
+            vocab_size=int(hf["vocab_size"]),
+            d_model=int(hf["hidden_size"]),
+            n_layers=int(hf["num_hidden_layers"]),
+            n_heads=n_heads,
+            n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+            d_ff=int(hf["intermediate_size"]),
+            max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+            norm="rmsnorm",
+            norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            mlp="swiglu",
+            attn_bias=bool(hf.get("attention_bias", False)),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        )
+    except KeyError as exc:
+        raise UserError(f"{path}: config.json lacks {exc.args[0]}") from None
+
+
+def hf_to_ours(name: str) -> str:
+    if name.startswith("model."):
+        name = name[len("model."):]
+    name = name.replace("embed_tokens.", "embed.")
+    name = name.replace(".self_attn.", ".attn.")
+    name = name.replace(".input_layernorm.", ".attn_norm.")
+    name = name.replace(".post_attention_layernorm.", ".mlp_norm.")
+    return name
+
+
+def ours_to_hf(name: str) -> str:
+    if name == "lm_head.weight":
+        return name
+    name = name.replace("embed.", "embed_tokens.")
+    name = name.replace(".attn.", ".self_attn.")
+    name = name.replace(".attn_norm.", ".input_layernorm.")
+    name = name.replace(".mlp_norm.", ".post_attention_layernorm.")
+    return "model." + name
+
+
+def load_hf_dir(path, dtype: torch.dtype = torch.float32) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"{path}: no config.json (expected a Hugging Face model directory)")
+    try:
+        hf = json.loads(cfg_path.read_text())
+    except ValueError as exc:
+        raise UserError(f"{cfg_path}: invalid JSON ({exc})") from None
+    cfg = config_from_hf(hf, path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{path}: no *.safetensors files")
+    sd: Dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            part = load_file(str(f))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise UserError(f"{f}: corrupt or truncated safetensors file ({exc})") from None
+        for k, v in part.items():
+            if k.endswith("rotary_emb.inv_freq"):
+                continue
+            sd[hf_to_ours(k)] = v.to(dtype)
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return cfg, sd

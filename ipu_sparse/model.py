@@ -1,0 +1,241 @@
+"""Decoder-only transformer in plain PyTorch: the Llama family and the Luminous shape.
+
+Llama: RMSNorm, SwiGLU MLP, rotary embeddings, grouped-query attention, tied or
+untied LM head. Luminous (the seed's model): LayerNorm, GELU MLP with bias,
+rotary embeddings. Every projection is an ordinary ``nn.Linear`` so pruning and
+sparse conversion can find and replace it (see ``linear_layers``).
+
+Shapes: B batch, T new tokens, S attended positions, nh heads, nkv key/value
+heads, hd head dim, D d_model.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the storage dtype (as the reference implementations do).
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+def rope_tables(cfg: ModelConfig, positions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for the given positions, each (T, hd), "rotate half" layout."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))  # (hd/2,)
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (T, hd/2)
+    emb = torch.cat([angles, angles], dim=-1)  # (T, hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, nh, T, hd); cos/sin: (T, hd)
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Static-shape key/value cache (B, nkv, max_len, hd); written at ``input_pos``."""
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # k, v: (B, nkv, T, hd) written at positions input_pos (T,)
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        d, hd = cfg.d_model, cfg.head_dim
+        self.q_proj = nn.Linear(d, cfg.n_heads * hd, bias=cfg.attn_bias)
+        self.k_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.attn_bias)
+        self.v_proj = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.attn_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * hd, d, bias=cfg.attn_bias)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                input_pos: Optional[torch.Tensor] = None, kv_len: Optional[int] = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if self.kv_cache is not None and input_pos is not None:
+            k_all, v_all = self.kv_cache.update(input_pos, k, v)
+            S = kv_len if kv_len is not None else k_all.shape[2]
+            k, v = k_all[:, :, :S], v_all[:, :, :S]  # (B, nkv, S, hd)
+            # Query at position p sees cache positions <= p (later slots are empty or stale).
+            mask = input_pos[:, None] >= torch.arange(S, device=x.device)[None, :]  # (T, S)
+            causal = False
+        else:
+            mask, causal = None, True
+
+        rep = self.n_heads // self.n_kv_heads
+        if rep > 1:  # grouped-query attention: share each k/v head with `rep` query heads
+            k = k.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
+            v = v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal and T > 1)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hd)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.mlp
+        if cfg.mlp == "swiglu":
+            self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                input_pos: Optional[torch.Tensor] = None, kv_len: Optional[int] = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, input_pos, kv_len)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.cache_len = 0
+        self.static_cache = False
+
+    # ----- KV cache -------------------------------------------------------
+    def setup_cache(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None, static: bool = False) -> None:
+        """Allocate a (batch, max_len) KV cache. ``static``: attend over the whole cache
+        every step (fixed shapes, as an IPU graph needs); otherwise only the filled prefix."""
+        dtype = dtype or self.embed.weight.dtype
+        device = self.embed.weight.device
+        cfg = self.config
+        for layer in self.layers:
+            layer.attn.kv_cache = KVCache(batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype).to(device)
+        self.cache_len, self.static_cache = max_len, static
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.attn.kv_cache = None
+        self.cache_len = 0
+
+    # ----- forward --------------------------------------------------------
+    def rope(self, positions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        return rope_tables(self.config, positions)
+
+    def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
+                last_only: bool = False) -> torch.Tensor:
+        """idx (B, T) token ids -> logits (B, T, vocab) in fp32 (or (B, 1, vocab) with ``last_only``).
+
+        Without ``input_pos`` the sequence is processed causally from position 0 and no cache
+        is used. With ``input_pos`` (T,) the tokens are written to the KV cache at those positions.
+        """
+        B, T = idx.shape
+        if input_pos is None:
+            positions = torch.arange(T, device=idx.device)
+            kv_len = None
+        else:
+            if self.cache_len == 0:
+                raise RuntimeError("input_pos given but no KV cache: call setup_cache() first")
+            positions = input_pos
+            kv_len = self.cache_len if self.static_cache else int(input_pos[-1]) + 1
+        cos, sin = self.rope(positions)
+        x = self.embed(idx)  # (B, T, D)
+        for layer in self.layers:
+            x = layer(x, cos, sin, input_pos, kv_len)
+        x = self.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x).float()
+
+    # ----- introspection ----------------------------------------------------
+    def linear_layers(self, include_head: bool = False) -> Iterator[Tuple[str, nn.Linear]]:
+        """The decoder's projections (the ones pruning and sparse kernels act on), in execution order."""
+        for i, layer in enumerate(self.layers):
+            for name, mod in layer.named_modules():
+                if isinstance(mod, nn.Linear) or getattr(mod, "is_sparse_linear", False):
+                    yield f"layers.{i}.{name}", mod
+        if include_head:
+            yield "lm_head", self.lm_head
+
+    def untie_lm_head_(self) -> "Transformer":
+        """Give the LM head its own copy of the embedding matrix (so it can be pruned alone)."""
+        if self.lm_head.weight is self.embed.weight:
+            self.lm_head.weight = nn.Parameter(self.embed.weight.detach().clone())
+        self.config.tie_embeddings = False
+        return self
+
+
+def build_model(cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: Optional[int] = None,
+                device: str = "cpu") -> Transformer:
+    """A randomly initialised model (weights are normally loaded afterwards)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = Transformer(cfg)
+    std = 0.02
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            nn.init.normal_(p, mean=0.0, std=std)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def param_names(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
+    """Expected state-dict names and shapes for a config (tied head listed once, as ``embed.weight``)."""
+    model = torch.device("meta")
+    with model:
+        m = Transformer(cfg)
+    sd = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return sd

@@ -1,0 +1,146 @@
+"""Core subcommands: generate, chat, info."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import DEFAULT_MODEL
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_model_args(p: argparse.ArgumentParser, default: str = DEFAULT_MODEL) -> None:
+    p.add_argument("--model", default=default,
+                   help=f"preset name, .gguf file, Hugging Face directory or ipu-sparse checkpoint (default: {default})")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype of dense weights (default: float32)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate text from a prompt (streams to stdout)")
+    add_model_args(p)
+    p.add_argument("--prompt", required=True, help="prompt text ('-' reads standard input)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+    add_sampling_args(p, temperature=0.0)
+    p.add_argument("--stats", action="store_true", help="print tokens/s to stderr")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat (keeps the conversation; /reset, /quit)")
+    add_model_args(p)
+    p.add_argument("--system", default=None, help="system message")
+    add_sampling_args(p, temperature=0.0)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("info", help="show a model's config, parameter count and source")
+    add_model_args(p)
+    p.set_defaults(func=cmd_info)
+
+
+def load_for_cli(args):
+    import torch
+
+    from .loading import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    print(f"loading {args.model} ...", file=sys.stderr)
+    lm = load_model(args.model, dtype=dtype, progress=True)
+    if lm.tokenizer is None:
+        from .errors import UserError
+
+        raise UserError(f"{args.model}: no tokenizer found with the model")
+    return lm
+
+
+def _sampling(args):
+    from .generate import SamplingConfig
+
+    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+
+
+def cmd_generate(args) -> int:
+    import time
+
+    from .generate import TextStreamer, generate
+
+    sampling = _sampling(args)
+    lm = load_for_cli(args)
+    tok = lm.tokenizer
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": prompt})
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+    ids = tok.encode(prompt)
+
+    def write(s: str) -> None:
+        sys.stdout.write(s)
+        sys.stdout.flush()
+
+    streamer = TextStreamer(tok, write, skip_ids=tok.stop_ids)
+    t0 = time.perf_counter()
+    out = generate(lm.model, ids, args.max_new_tokens, sampling, tok.stop_ids, streamer)
+    dt = time.perf_counter() - t0
+    sys.stdout.write("\n")
+    if args.stats:
+        print(f"[{len(ids)} prompt tokens, {len(out)} new tokens in {dt:.2f} s: {len(out) / max(dt, 1e-9):.1f} tok/s]",
+              file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .errors import UserError
+    from .generate import ChatSession
+
+    lm = load_for_cli(args)
+    session = ChatSession(lm.model, lm.tokenizer, _sampling(args), args.max_new_tokens, args.system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat with the model; /reset clears the history, /quit or Ctrl-D ends", file=sys.stderr)
+    while True:
+        if interactive:
+            sys.stderr.write("you> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            break
+        if text == "/reset":
+            session.reset()
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if interactive:
+            sys.stderr.write("model> ")
+            sys.stderr.flush()
+        try:
+            session.ask(text, write=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    return 0
+
+
+def cmd_info(args) -> int:
+    import json
+
+    lm = load_for_cli(args)
+    cfg = lm.model.config
+    n = sum(p.numel() for p in lm.model.parameters())
+    print(json.dumps({"source": lm.source, "parameters": n, "config": cfg.to_dict(), "meta": lm.meta}, indent=1, default=str))
+    return 0

@@ -1,0 +1,143 @@
+"""Text generation: prefill + KV-cached decode, greedy or sampled, streamed token by token."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, List, Optional, Sequence
+
+import torch
+
+from .errors import UserError
+
+
+@dataclass
+class SamplingConfig:
+    """``temperature == 0`` is greedy; ``top_k == 0`` and ``top_p == 1`` disable those filters."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise UserError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise UserError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: Optional[torch.Generator] = None) -> int:
+    """Pick the next token from fp32 logits (vocab,)."""
+    if cfg.temperature == 0.0:
+        return int(torch.argmax(logits))
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k > 0:
+        k = min(cfg.top_k, logits.numel())
+        kth = torch.topk(logits, k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        # drop tokens once the mass before them already reaches top_p (always keep the first)
+        drop = (cum - torch.softmax(sorted_logits, dim=-1)) >= cfg.top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.inference_mode()
+def generate(model, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Optional[SamplingConfig] = None,
+             stop_ids: Iterable[int] = (), on_token: Optional[Callable[[int], None]] = None) -> List[int]:
+    """Generate up to ``max_new_tokens`` after ``prompt_ids``; stop after a token in ``stop_ids``
+    (the stop token is returned too). ``on_token`` is called with each new token as it is made."""
+    sampling = sampling or SamplingConfig()
+    prompt_ids = list(prompt_ids)
+    if not prompt_ids:
+        raise UserError("empty prompt")
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    total = len(prompt_ids) + max_new_tokens
+    limit = model.config.max_seq_len
+    if total > limit:
+        raise UserError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of {limit}")
+    if max_new_tokens == 0:
+        return []
+    device = next(model.parameters()).device
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(sampling.seed)
+    stop = set(stop_ids)
+    model.setup_cache(1, total)
+    try:
+        idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+        logits = model(idx, input_pos=torch.arange(len(prompt_ids), device=device), last_only=True)
+        out: List[int] = []
+        pos = len(prompt_ids)
+        while True:
+            tok = sample_next(logits[0, -1].cpu(), sampling, generator)
+            out.append(tok)
+            if on_token is not None:
+                on_token(tok)
+            if tok in stop or len(out) >= max_new_tokens:
+                break
+            idx = torch.tensor([[tok]], dtype=torch.long, device=device)
+            logits = model(idx, input_pos=torch.tensor([pos], device=device), last_only=True)
+            pos += 1
+        return out
+    finally:
+        model.clear_cache()
+
+
+class TextStreamer:
+    """Turns a stream of token ids into text pieces, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer, write: Callable[[str], None], skip_ids: Iterable[int] = ()):
+        self.tokenizer, self.write = tokenizer, write
+        self.skip = set(skip_ids)
+        self.ids: List[int] = []
+        self.printed = 0
+
+    def __call__(self, tok: int) -> None:
+        if tok in self.skip:
+            return
+        self.ids.append(tok)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return  # a multi-byte character is not finished yet
+        self.write(text[self.printed:])
+        self.printed = len(text)
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids)
+
+
+class ChatSession:
+    """A conversation with history, rendered through the model's chat template each turn."""
+
+    def __init__(self, model, tokenizer, sampling: SamplingConfig, max_new_tokens: int = 256,
+                 system: Optional[str] = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.sampling, self.max_new_tokens = sampling, max_new_tokens
+        self.messages: List[dict] = []
+        if system:
+            self.messages.append({"role": "system", "content": system})
+
+    def ask(self, text: str, write: Optional[Callable[[str], None]] = None) -> str:
+        self.messages.append({"role": "user", "content": text})
+        prompt = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True)
+        ids = self.tokenizer.encode(prompt)
+        room = self.model.config.max_seq_len - len(ids)
+        if room <= 0:
+            self.messages.pop()
+            raise UserError("the conversation no longer fits the model's context; start a new one (/reset)")
+        streamer = TextStreamer(self.tokenizer, write or (lambda s: None), skip_ids=self.tokenizer.stop_ids)
+        generate(self.model, ids, min(self.max_new_tokens, room), self.sampling, self.tokenizer.stop_ids, streamer)
+        answer = streamer.text().strip()
+        self.messages.append({"role": "assistant", "content": answer})
+        return answer
+
+    def reset(self) -> None:
+        self.messages = [m for m in self.messages if m["role"] == "system"]

@@ -1,0 +1,108 @@
+"""Generation: greedy/sampling semantics, seeds, stop tokens, streaming, chat history, CLI."""
+import io
+
+import pytest
+import torch
+
+from ipu_sparse.cli import main
+from ipu_sparse.errors import UserError
+from ipu_sparse.generate import ChatSession, SamplingConfig, TextStreamer, generate, sample_next
+from ipu_sparse.loading.tokenizer import ByteTokenizer
+
+
+def test_greedy_equals_argmax_loop(tiny_llama):
+    prompt = [5, 9, 33, 7]
+    out = generate(tiny_llama, prompt, 10)
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(10):
+            ids.append(int(tiny_llama(torch.tensor([ids]))[0, -1].argmax()))
+    assert out == ids[len(prompt):]
+
+
+def test_sampling_is_seeded_and_top_k1_is_greedy(tiny_llama):
+    prompt = [5, 9, 33, 7]
+    a = generate(tiny_llama, prompt, 12, SamplingConfig(temperature=1.5, seed=7))
+    b = generate(tiny_llama, prompt, 12, SamplingConfig(temperature=1.5, seed=7))
+    c = generate(tiny_llama, prompt, 12, SamplingConfig(temperature=1.5, seed=8))
+    assert a == b and a != c
+    assert generate(tiny_llama, prompt, 8, SamplingConfig(temperature=1.0, top_k=1, seed=1)) == generate(tiny_llama, prompt, 8)
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    g = torch.Generator().manual_seed(0)
+    seen = {sample_next(logits, SamplingConfig(temperature=1.0, top_p=0.7), g) for _ in range(300)}
+    assert seen == {0, 1}
+    seen = {sample_next(logits, SamplingConfig(temperature=1.0, top_k=3), g) for _ in range(300)}
+    assert seen == {0, 1, 2}
+
+
+def test_stops_at_stop_token(tiny_llama):
+    prompt = [5, 9, 33, 7]
+    free = generate(tiny_llama, prompt, 10)
+    stop = free[3]
+    out = generate(tiny_llama, prompt, 10, stop_ids={stop})
+    assert out == free[:free.index(stop) + 1]
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0.0), dict(top_k=-2)])
+def test_bad_sampling_values(bad):
+    with pytest.raises(UserError):
+        SamplingConfig(**bad)
+
+
+def test_context_overflow_is_an_error(tiny_llama):
+    with pytest.raises(UserError, match="exceeds the model's context"):
+        generate(tiny_llama, [1] * 100, 100)
+
+
+def test_streamer_holds_back_partial_utf8():
+    tok = ByteTokenizer()
+    pieces = []
+    s = TextStreamer(tok, pieces.append)
+    for t in tok.encode("aé€b"):
+        s(t)
+    assert "".join(pieces) == "aé€b" and all("\ufffd" not in p for p in pieces)
+
+
+def test_chat_session_keeps_history(tiny_llama):
+    chat = ChatSession(tiny_llama, ByteTokenizer(), SamplingConfig(), max_new_tokens=4)
+    chat.ask("hi")
+    chat.ask("again")
+    assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant"]
+    chat.reset()
+    assert chat.messages == []
+
+
+def test_cli_generate_tiny(capsys):
+    assert main(["generate", "--model", "tiny-llama", "--prompt", "abc", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+
+
+def test_cli_user_errors_exit_2_without_traceback(capsys, tmp_path):
+    assert main(["generate", "--model", str(tmp_path / "x.gguf"), "--prompt", "a"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+    assert main(["generate", "--model", "tiny-llama", "--prompt", "a", "--temperature", "-1"]) == 2
+    assert main(["generate", "--model", "luminous-base-13b", "--prompt", "a"]) == 2
+    assert "no public weights" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer(smollm2):
+    tok = smollm2.tokenizer
+    for text in ["Hello world", "  spaces\tand\nnewlines ", "digits 12345 and ünïcødé ✓", "<|im_start|>user\nhi<|im_end|>"]:
+        assert tok.decode(tok.encode(text), skip_special=False) == text
+    assert tok.encode("<|im_end|>") == [2]
+    assert tok.encode("2024") == [tok.encode(d)[0] for d in "2024"]  # digits are split one by one
+    assert tok.encode("The capital of France") == [504, 3575, 282, 4649]
+    assert {0, 2} <= tok.stop_ids
+
+
+@pytest.mark.slow
+def test_smollm2_chat_answers_paris(smollm2, monkeypatch, capsys):
+    chat = ChatSession(smollm2.model, smollm2.tokenizer, SamplingConfig(), max_new_tokens=32)
+    assert "Paris" in chat.ask("What is the capital of France?")
+    assert "Berlin" in chat.ask("And of Germany?")
+    assert len(chat.messages) == 4

@@ -51,6 +51,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     # x: (B, nh, T, hd); cos/sin: (T, hd)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    if x.dtype == torch.float32:
+        return x * cos + rotated * sin
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
@@ -89,17 +91,23 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
+        rep = self.n_heads // self.n_kv_heads
         if self.kv_cache is not None and input_pos is not None:
             k_all, v_all = self.kv_cache.update(input_pos, k, v)
             S = kv_len if kv_len is not None else k_all.shape[2]
             k, v = k_all[:, :, :S], v_all[:, :, :S]  # (B, nkv, S, hd)
+            if T == 1 and kv_len is not None:
+                # Decode step over the filled prefix: every cached position is visible, so no mask;
+                # the `rep` query heads sharing a k/v head become `rep` query rows (no k/v copy).
+                qg = q.reshape(B, self.n_kv_heads, rep, self.head_dim)  # (B, nkv, rep, hd)
+                y = F.scaled_dot_product_attention(qg, k.to(q.dtype), v.to(q.dtype))  # (B, nkv, rep, hd)
+                return self.o_proj(y.reshape(B, 1, self.n_heads * self.head_dim))
             # Query at position p sees cache positions <= p (later slots are empty or stale).
             mask = input_pos[:, None] >= torch.arange(S, device=x.device)[None, :]  # (T, S)
             causal = False
         else:
             mask, causal = None, True
 
-        rep = self.n_heads // self.n_kv_heads
         if rep > 1:  # grouped-query attention: share each k/v head with `rep` query heads
             k = k.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
             v = v.repeat_interleave(rep, dim=1)
@@ -187,7 +195,8 @@ class Transformer(nn.Module):
             if self.cache_len == 0:
                 raise RuntimeError("input_pos given but no KV cache: call setup_cache() first")
             positions = input_pos
-            kv_len = self.cache_len if self.static_cache else int(input_pos[-1]) + 1
+            # static: attend over the whole cache (fixed shapes); dynamic: only the filled prefix
+            kv_len = None if self.static_cache else int(input_pos[-1]) + 1
         cos, sin = self.rope(positions)
         x = self.embed(idx)  # (B, T, D)
         for layer in self.layers:

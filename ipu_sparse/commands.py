@@ -44,6 +44,15 @@ def register(sub) -> None:
     add_model_args(p)
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser("export", help="write a (pruned) model as GGUF for llama.cpp, or as a Hugging Face directory")
+    add_model_args(p)
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("--gguf", metavar="FILE", help="GGUF file to write (llama architecture)")
+    out.add_argument("--hf", metavar="DIR", help="Hugging Face directory to write (config.json + model.safetensors)")
+    p.add_argument("--f16", action="store_true", help="store GGUF matrices as F16 (default F32)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_export)
+
 
 def load_for_cli(args):
     import torch
@@ -143,4 +152,30 @@ def cmd_info(args) -> int:
     cfg = lm.model.config
     n = sum(p.numel() for p in lm.model.parameters())
     print(json.dumps({"source": lm.source, "parameters": n, "config": cfg.to_dict(), "meta": lm.meta}, indent=1, default=str))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from pathlib import Path
+
+    from .errors import UserError
+
+    target = Path(args.gguf or args.hf)
+    if target.exists() and not args.overwrite:
+        raise UserError(f"{target}: already exists (pass --overwrite to replace it)")
+    lm = load_for_cli(args)
+    model = lm.model
+    if any(getattr(m, "is_sparse_linear", False) for _, m in model.linear_layers(include_head=True)):
+        from .sparse.linear import densify_
+
+        densify_(model)
+    if args.gguf:
+        from .loading.gguf_export import save_gguf
+
+        save_gguf(model, lm.tokenizer, target, f16=args.f16)
+    else:
+        from .loading.hf import save_hf_dir
+
+        save_hf_dir(model, lm.tokenizer, target, overwrite=args.overwrite)
+    print(f"wrote {target}", file=sys.stderr)
     return 0

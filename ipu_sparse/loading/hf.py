@@ -115,3 +115,32 @@ def to_transformers(model):
     if missing or unexpected:
         raise RuntimeError(f"transformers conversion: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return hf.to(next(model.parameters()).dtype)
+
+
+def save_hf_dir(model, tokenizer, out, overwrite: bool = False):
+    """Write config.json + model.safetensors (+ tokenizer) that transformers loads as LlamaForCausalLM."""
+    from safetensors.torch import save_file
+
+    from ..checkpoint import atomic_directory
+
+    cfg = model.config
+    if cfg.norm != "rmsnorm" or cfg.mlp != "swiglu" or cfg.mlp_bias:
+        raise UserError("only Llama-family configs export to a Hugging Face Llama directory")
+    sd = {ours_to_hf(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    hf_cfg = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
+        "attention_bias": cfg.attn_bias, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
+        "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+        "torch_dtype": str(next(iter(sd.values())).dtype).replace("torch.", ""),
+    }
+    with atomic_directory(out, overwrite) as tmp:
+        save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=1))
+        if tokenizer is not None and hasattr(tokenizer, "backend"):
+            tokenizer.save(tmp)
+    return out

@@ -133,3 +133,17 @@ def test_hf_directory_round_trip(tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00")
     with pytest.raises(UserError, match="corrupt or truncated"):
         load_model(str(tmp_path))
+
+
+def test_cli_export_gguf_and_hf_round_trip(tiny_gguf, tmp_path):
+    from ipu_sparse.cli import main
+
+    model, _, path = tiny_gguf
+    out = tmp_path / "again.gguf"
+    assert main(["export", "--model", str(path), "--gguf", str(out)]) == 0
+    assert main(["export", "--model", str(path), "--gguf", str(out)]) == 2  # refuses to overwrite
+    hf_dir = tmp_path / "hf"
+    assert main(["export", "--model", str(out), "--hf", str(hf_dir)]) == 0
+    idx = torch.randint(0, model.config.vocab_size, (1, 6))
+    for src in (out, hf_dir):
+        torch.testing.assert_close(load_model(str(src)).model(idx), model(idx), rtol=0, atol=1e-6)

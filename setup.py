@@ -1,5 +1,71 @@
 """ipu-sparse: pruned (80%-sparse) LLMs held in on-chip memory; CPU reference path."""
+import os
+import sys
+
 from setuptools import find_packages, setup
+
+# --- compiled sparse CPU kernel (ipu_sparse.sparse._kernels) ----------------------------------
+# Built by `python setup.py build_ext --inplace` (or any install) when torch is importable at
+# build time. The build is optional: without torch, with IPU_SPARSE_NO_EXT=1, or when the
+# compiler fails, the package installs without it and ipu_sparse.sparse.kernels falls back to
+# the pure-torch reference kernel (logging why).
+def _sparse_kernel_build():
+    if os.environ.get("IPU_SPARSE_NO_EXT"):
+        return {}
+    try:
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("ipu-sparse: torch not importable at build time; skipping the compiled sparse kernel", file=sys.stderr)
+        return {}
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "ipu_sparse", "sparse"))
+    try:
+        import build as sparse_build  # ipu_sparse/sparse/build.py (no package import needed)
+    finally:
+        sys.path.pop(0)
+    torch_lib = os.path.join(os.path.dirname(cpp_extension.__file__), "..", "lib")
+    torch_lib = os.path.normpath(torch_lib)
+    link_args, rpath = sparse_build.openmp_link_args(torch_lib)
+    ext = cpp_extension.CppExtension(
+        sparse_build.EXT_NAME, [sparse_build.SOURCE], depends=list(sparse_build.DEPENDS),
+        extra_compile_args=list(sparse_build.CXX_FLAGS), extra_link_args=link_args, runtime_library_dirs=rpath,
+    )
+
+    class OptionalBuildExt(cpp_extension.BuildExtension):
+        def build_extension(self, extension):
+            try:
+                super().build_extension(extension)
+            except Exception as exc:  # a missing compiler must not break the install
+                print(f"ipu-sparse: building {extension.name} failed ({exc}); "
+                      "the pure-torch sparse kernel will be used", file=sys.stderr)
+
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExt}}
+# --- end compiled sparse CPU kernel --------------------------------------------------------------
+
+# --- PopART sparse-matmul custom op (popart_ops/, IPU hosts only) ------------------------------
+# Built with CMake (find_package(popart)) only where the Graphcore Poplar SDK is enabled
+# (`source poplar-*/enable.sh` sets POPLAR_SDK_ENABLED; or IPU_SPARSE_POPART_OPS=1 forces it).
+# Elsewhere it prints that it is skipped; a failed build never breaks the install.
+def _popart_ops_step():
+    import subprocess
+
+    if not any(c in sys.argv for c in ("build", "build_ext", "install", "develop", "bdist_wheel", "editable_wheel")):
+        return
+    here = os.path.dirname(os.path.abspath(__file__))
+    src, out = os.path.join(here, "popart_ops"), os.path.join(here, "popart_ops", "build")
+    if not (os.environ.get("POPLAR_SDK_ENABLED") or os.environ.get("IPU_SPARSE_POPART_OPS")):
+        print("ipu-sparse: Poplar SDK not enabled (POPLAR_SDK_ENABLED unset); skipping popart_ops/ "
+              "(see popart_ops/README.md)", file=sys.stderr)
+        return
+    try:
+        subprocess.check_call(["cmake", "-S", src, "-B", out, "-DCMAKE_BUILD_TYPE=Release"])
+        subprocess.check_call(["cmake", "--build", out, "-j"])
+        print(f"ipu-sparse: built {os.path.join(out, 'libsparse_matmul.so')}", file=sys.stderr)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"ipu-sparse: building popart_ops/ failed ({exc}); the IPU custom op is unavailable", file=sys.stderr)
+
+
+_popart_ops_step()
+# --- end PopART sparse-matmul custom op ---------------------------------------------------------
 
 setup(
     name="ipu-sparse",
@@ -23,4 +89,5 @@ setup(
         "bench": ["transformers", "matplotlib"],
     },
     entry_points={"console_scripts": ["ipu-sparse=ipu_sparse.cli:main"]},
+    **_sparse_kernel_build(),
 )

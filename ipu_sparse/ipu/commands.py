@@ -1,0 +1,217 @@
+"""IPU subcommands: plan (memory per IPU), simulate (staged CPU run + estimates), ipu-generate."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from ..errors import UserError
+
+
+def _int_list(text: str, what: str):
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{what}: expected comma-separated integers, got {text!r}") from None
+
+
+def _float_or_list(text: str, what: str):
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{what}: expected a number or comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise UserError(f"{what}: empty value")
+    return values[0] if len(values) == 1 else values
+
+
+def add_plan_args(p: argparse.ArgumentParser, default_model: str, default_ipus: int) -> None:
+    p.add_argument("--model", default=default_model, help=f"model preset (default: {default_model})")
+    p.add_argument("--ipus", type=int, default=default_ipus, help=f"number of IPUs, 1-64 (default: {default_ipus})")
+    p.add_argument("--sparsity", default="0.8", help="uniform sparsity, or one value per layer, comma-separated (default: 0.8)")
+    p.add_argument("--format", dest="fmt", default="csr16", choices=("csr16", "dense"), help="weight storage (default: csr16)")
+    p.add_argument("--ipu-type", default="gc200", choices=("gc200", "bow"))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per forward call (default: 128, capped at --kv-len)")
+    p.add_argument("--kv-len", type=int, default=None, help="static KV-cache length (default: the model's max_seq_len)")
+    p.add_argument("--layers-per-ipu", default=None,
+                   help="decoder layers per IPU, comma-separated, -1 = share the rest (default: balanced by bytes)")
+    p.add_argument("--matmul-proportion", default=None,
+                   help="available memory proportion, one value or one per IPU (default: the free fraction per IPU)")
+    p.add_argument("--sparse-head", action="store_true", help="prune and store the (untied) LM head sparse too")
+    p.add_argument("--embed-shards", type=int, default=None, help="vocabulary slices of the embedding (default: auto)")
+    p.add_argument("--head-shards", type=int, default=None, help="vocabulary slices of the LM head (default: auto)")
+    p.add_argument("--reserve", type=float, default=None,
+                   help="fraction of each IPU kept for code, exchange buffers and stacks (default: hardware.RESERVE_FRACTION)")
+
+
+def plan_config_from_args(args, cfg):
+    from . import hardware as hw
+    from .planner import PlanConfig
+
+    kv = args.kv_len or cfg.max_seq_len
+    return PlanConfig(
+        model=cfg, n_ipus=args.ipus, sparsity=_float_or_list(args.sparsity, "--sparsity"), fmt=args.fmt,
+        ipu_type=args.ipu_type, batch=args.batch, seq_len=args.seq_len or min(128, kv), kv_len=kv,
+        layers_per_ipu=_int_list(args.layers_per_ipu, "--layers-per-ipu") if args.layers_per_ipu else None,
+        matmul_proportion=_float_or_list(args.matmul_proportion, "--matmul-proportion") if args.matmul_proportion else None,
+        sparse_head=args.sparse_head, embed_shards=args.embed_shards, head_shards=args.head_shards,
+        reserve_fraction=hw.RESERVE_FRACTION if args.reserve is None else args.reserve)
+
+
+def write_json(path, data, overwrite: bool) -> None:
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise UserError(f"{path} exists (use --overwrite)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+    os.replace(tmp, path)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plan", help="plan on-chip memory per IPU (dense vs sparse; fits or says what would)")
+    add_plan_args(p, "luminous-base-13b", 16)
+    p.add_argument("--json", default=None, help="also write the plan as JSON here")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("simulate", help="run the planned pipeline stage by stage on CPU; check it equals the "
+                                        "plain model; estimate IPU time and energy (dense vs sparse)")
+    add_plan_args(p, "smollm2-135m", 4)
+    p.add_argument("--random-init", action="store_true", help="random weights instead of loading the checkpoint")
+    p.add_argument("--prompt-len", type=int, default=64, help="tokens run through the pipeline (default: 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tolerance", type=float, default=1e-3, help="max |staged - plain| allowed (default: 1e-3)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads for the timed stages (default: 1, steadier timings on shared cores)")
+    p.add_argument("--json", default=None, help="write the results as JSON here")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("ipu-generate", help="generate on IPUs with PopTorch (needs the Poplar SDK); "
+                                            "--compile-only builds the executable offline")
+    add_plan_args(p, "smollm2-135m", 1)
+    p.add_argument("--prompt", default="The capital of France is")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--mode", default="sharded", choices=("sharded", "pipelined"))
+    p.add_argument("--compile-only", action="store_true", help="compile for an offline Mk2 target and export")
+    p.add_argument("--work-dir", default="out/ipu", help="patterns, initializers, exported executable")
+    p.add_argument("--executable-cache", default=None, help="PopTorch executable cache directory")
+    p.set_defaults(func=cmd_ipu_generate)
+
+
+def _config(name: str):
+    from ..config import PRESETS, get_preset
+
+    if name in PRESETS:
+        return get_preset(name)
+    if Path(name).exists():
+        from ..loading import load_model
+
+        return load_model(name).model.config
+    return get_preset(name)  # raises UserError listing the presets
+
+
+def cmd_plan(args) -> int:
+    from .planner import _fmt, check_fits
+    from .report import compare_dense_sparse, format_table
+
+    pc = plan_config_from_args(args, _config(args.model))
+    cmp = compare_dense_sparse(pc)
+    plan = cmp["sparse_plan"]
+    print(format_table(plan))
+    if pc.fmt != "dense":
+        dense = cmp["dense_plan"]
+        worst = max(dense.ipus, key=lambda a: -a.free)
+        print(f"dense {pc.dtype}: weights {_fmt(cmp['dense_weight_bytes'])}, planned {_fmt(cmp['dense_total_bytes'])} "
+              f"vs {_fmt(cmp['capacity_bytes'])} on chip -> {'FITS' if cmp['dense_fits'] else 'DOES NOT FIT'}"
+              + ("" if cmp["dense_fits"] else f" (worst: IPU{worst.ipu} {_fmt(-worst.free)} over)"))
+        print(f"sparse ({pc.fmt}): weights {_fmt(cmp['sparse_weight_bytes'])} = {cmp['weight_ratio']:.1%} of dense; "
+              f"planned total {_fmt(cmp['sparse_total_bytes'])} = {cmp['total_ratio']:.1%} of dense's "
+              f"-> {'FITS' if cmp['sparse_fits'] else 'DOES NOT FIT'}")
+    if args.json:
+        data = plan.to_dict()
+        data["comparison"] = {k: v for k, v in cmp.items() if not k.endswith("_plan")}
+        write_json(args.json, data, args.overwrite)
+    check_fits(plan)  # raises PlanError (one line, exit 2) naming the IPU, the bytes over, what fits
+    return 0
+
+
+def _load_for_simulation(args):
+    import torch
+
+    from ..config import PRESETS, get_preset
+    from ..model import build_model
+
+    if args.random_init or (args.model in PRESETS and args.model.startswith("tiny")):
+        return build_model(get_preset(args.model), seed=args.seed), None
+    from ..loading import load_model
+
+    print(f"loading {args.model} ...", file=sys.stderr)
+    lm = load_model(args.model, dtype=torch.float32)
+    return lm.model, lm.tokenizer
+
+
+def cmd_simulate(args) -> int:
+    import torch
+
+    from .planner import make_plan
+    from .simulate import format_simulation, magnitude_prune_, simulate, tokens_for
+
+    torch.set_num_threads(max(1, args.threads))
+    model, tokenizer = _load_for_simulation(args)
+    args.kv_len = args.kv_len or min(model.config.max_seq_len, 2048)
+    pc = plan_config_from_args(args, model.config)
+    plan = make_plan(pc)
+    sparsity = pc.layer_sparsity()[0] if len(set(pc.layer_sparsity())) == 1 else None
+    if sparsity is None:
+        raise UserError("simulate prunes uniformly: give one --sparsity value")
+    if pc.fmt != "dense":
+        magnitude_prune_(model, sparsity)
+    idx = tokens_for(model.config, tokenizer, "The quick brown fox jumps over the lazy dog. " * 8, args.prompt_len)
+    torch.manual_seed(args.seed)
+    res = simulate(model, plan, idx, sparse_ops=pc.fmt != "dense")
+    res["plan_fits"] = plan.fits
+    print(format_simulation(res))
+    print(f"plan: layers_per_ipu {plan.layers_per_ipu}, {len(plan.stages)} stages, "
+          f"{'fits' if plan.fits else 'DOES NOT FIT'} on {pc.n_ipus} x {pc.ipu_type}")
+    if args.json:
+        write_json(args.json, res, args.overwrite)
+    if not res["max_abs_diff_vs_plain"] <= args.tolerance:
+        raise UserError(f"staged output differs from the plain model by {res['max_abs_diff_vs_plain']:.3e} "
+                        f"> --tolerance {args.tolerance}")
+    return 0
+
+
+def cmd_ipu_generate(args) -> int:
+    from ..commands import load_for_cli
+    from .generate import compile_for_ipu, generate_ids, release
+    from .ops import to_ipu_sparse_
+    from .pipeline import import_poptorch
+    from .planner import plan_or_raise
+
+    poptorch = import_poptorch()
+    args.dtype, args.threads = "float32", None
+    lm = load_for_cli(args)
+    model = lm.model
+    args.kv_len = args.kv_len or model.config.max_seq_len
+    plan = plan_or_raise(plan_config_from_args(args, model.config))
+    if args.fmt != "dense":
+        to_ipu_sparse_(model)  # weights must already hold exact zeros (a pruned checkpoint)
+    executor, step = compile_for_ipu(model, plan, args.work_dir, mode=args.mode, compile_only=args.compile_only,
+                                     executable_cache=args.executable_cache, poptorch=poptorch)
+    if args.compile_only:
+        print(f"compiled for an offline Mk2 target: {Path(args.work_dir) / 'decode.popef'}")
+        return 0
+    try:
+        ids = generate_ids(executor, lm.tokenizer.encode(args.prompt), args.max_new_tokens, plan.config.kv_len,
+                           batch=plan.config.batch, eos_id=getattr(lm.tokenizer, "eos_id", None))
+        print(lm.tokenizer.decode(ids))
+    finally:
+        release(executor, model, poptorch=poptorch)
+    return 0

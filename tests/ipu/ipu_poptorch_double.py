@@ -1,0 +1,188 @@
+"""TEST DOUBLE for poptorch (not PopTorch): records calls, runs nothing on an IPU.
+
+Every function and ``Options`` method it offers is generated from ``../shared/poptorch_api.json``
+(the public names and parameter names of PopTorch 3.4), so a call with a name or keyword that
+real PopTorch does not have fails here too (``TypeError`` / ``AttributeError``).
+
+Recorded: ``blocks`` (module, user_id, ipu_id) in BeginBlock order, the ipu each module ran on
+(``executed``: BeginBlock installs a forward pre-hook, as the real one does), ``options`` calls
+(dotted method path, bound arguments), ``custom_ops`` and ``inference_models``.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import types
+from pathlib import Path
+from typing import Any, Dict, List
+
+import torch
+
+API_PATH = Path(__file__).resolve().parents[3] / "shared" / "poptorch_api.json"
+
+
+def load_api() -> dict:
+    return json.loads(API_PATH.read_text())
+
+
+def _signature(params: List[str]) -> inspect.Signature:
+    out = []
+    for name in params:
+        if name == "self":
+            continue
+        if name.startswith("**"):
+            out.append(inspect.Parameter(name[2:], inspect.Parameter.VAR_KEYWORD))
+        elif name.startswith("*"):
+            out.append(inspect.Parameter(name[1:], inspect.Parameter.VAR_POSITIONAL))
+        else:  # PopTorch gives most parameters defaults; the double treats all as optional
+            kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+            if any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in out):
+                kind = inspect.Parameter.KEYWORD_ONLY
+            out.append(inspect.Parameter(name, kind, default=None))
+    return inspect.Signature(out)
+
+
+class _Recorder:
+    """An options object whose methods are exactly those listed for ``class_name``."""
+
+    def __init__(self, double: "PoptorchDouble", class_name: str, path: str):
+        self._double, self._class, self._path = double, class_name, path
+        self._members = double.api["classes"][class_name]["members"]
+
+    def __getattr__(self, name):
+        members = self.__dict__.get("_members", {})
+        if name not in members:
+            raise AttributeError(f"poptorch {self._class} has no member {name!r} (per poptorch_api.json)")
+        params = members[name]
+        sub = {"Precision": "_PrecisionOptions", "Training": "_TrainingOptions", "Jit": "_JitOptions",
+               "TensorLocations": "_TensorLocationOptions", "Distributed": "_DistributedOptions"}
+        if name in sub:  # properties returning sub-option objects
+            return _Recorder(self._double, sub[name], f"{self._path}.{name}")
+        sig = _signature(params if isinstance(params, list) else [])
+
+        def method(*args, **kwargs):
+            bound = sig.bind(*args, **kwargs)  # raises TypeError on a wrong keyword, like PopTorch
+            self._double.options_calls.append((f"{self._path}.{name}", dict(bound.arguments)))
+            return self
+
+        return method
+
+
+class FakeOptions(_Recorder):
+    def __init__(self, double: "PoptorchDouble"):
+        super().__init__(double, "Options", "Options")
+        # _Popart is an instance attribute of the real Options (not in the public-name list).
+        self.__dict__["_Popart"] = _Recorder(double, "_PopartOptions", "Options._Popart")
+
+
+class FakeExecutor:
+    def __init__(self, double, model, options):
+        self.double, self.model, self.options = double, model, options
+        self.compiled_with = None
+        self.exported_to = None
+        self.detached = False
+
+    def compile(self, *args, **kwargs):
+        self.compiled_with = args
+        with torch.no_grad():
+            self.model(*args)  # trace-like run on CPU (custom ops use their reference)
+
+    def compileAndExport(self, filename, *args, export_model=True, **kwargs):
+        self.exported_to = filename
+        self.compile(*args)
+
+    def __call__(self, *args):
+        with torch.no_grad():
+            return self.model(*args)
+
+    def detachFromDevice(self):
+        self.detached = True
+
+    def destroy(self):
+        self.detached = True
+
+
+class PoptorchDouble(types.ModuleType):
+    """Install with ``monkeypatch.setitem(sys.modules, "poptorch", PoptorchDouble())``."""
+
+    def __init__(self, running_on_ipu: bool = False):
+        super().__init__("poptorch")
+        self.api = load_api()
+        self.blocks: List[tuple] = []
+        self.executed: List[tuple] = []
+        self.options_calls: List[tuple] = []
+        self.custom_ops: List[Dict[str, Any]] = []
+        self.inference_models: List[FakeExecutor] = []
+        self.removed: List[torch.nn.Module] = []
+        self._running = running_on_ipu
+        self._hooks: List[Any] = []
+        enums = {n: c for n, c in self.api["classes"].items() if c["module"] == "enums"}
+        for name, cls in enums.items():
+            setattr(self, name, types.SimpleNamespace(**{m: f"{name}.{m}" for m in cls["members"]}))
+        for fn in self.api["functions"]:
+            if not hasattr(type(self), fn):
+                setattr(self, fn, self._unimplemented(fn))
+
+    def _check(self, fn: str, *args, **kwargs):
+        return _signature(self.api["functions"][fn]["params"]).bind(*args, **kwargs)
+
+    @staticmethod
+    def _unimplemented(fn):
+        def f(*args, **kwargs):
+            raise NotImplementedError(f"test double: poptorch.{fn} is not modelled")
+        return f
+
+    # -- functions used by ipu_sparse --
+    def BeginBlock(self, layer_to_call, user_id=None, ipu_id=None):
+        self._check("BeginBlock", layer_to_call, user_id=user_id, ipu_id=ipu_id)
+        if not isinstance(layer_to_call, torch.nn.Module):
+            raise TypeError("BeginBlock needs an nn.Module")
+        self.blocks.append((layer_to_call, user_id, ipu_id))
+
+        def hook(module, inputs):
+            self.executed.append((user_id, ipu_id))
+
+        handle = layer_to_call.register_forward_pre_hook(hook)
+        layer_to_call.__dict__["_double_block_handle"] = handle
+        return layer_to_call
+
+    def removeBlocks(self, module):
+        self._check("removeBlocks", module)
+        for m in module.modules():
+            handle = m.__dict__.pop("_double_block_handle", None)
+            if handle is not None:
+                handle.remove()
+        self.removed.append(module)
+
+    def isRunningOnIpu(self):
+        self._check("isRunningOnIpu")
+        return self._running
+
+    def custom_op(self, inputs, name, domain, domain_version, example_outputs, attributes=None):
+        self._check("custom_op", inputs, name, domain, domain_version, example_outputs, attributes=attributes)
+        self.custom_ops.append({"name": name, "domain": domain, "version": domain_version,
+                                "inputs": [tuple(t.shape) for t in inputs], "attributes": dict(attributes or {})})
+        return [torch.zeros_like(e) for e in example_outputs]
+
+    def Options(self):
+        return FakeOptions(self)
+
+    def ShardedExecution(self, *args):
+        return ("ShardedExecution", args)
+
+    def PipelinedExecution(self, *args):
+        return ("PipelinedExecution", args)
+
+    def inferenceModel(self, model, options=None):
+        self._check("inferenceModel", model, options)
+        ex = FakeExecutor(self, model, options)
+        self.inference_models.append(ex)
+        return ex
+
+    # -- queries for tests --
+    def option(self, path: str):
+        """Arguments of the last call of ``path`` (e.g. "Options.deviceIterations"), or None."""
+        for p, args in reversed(self.options_calls):
+            if p == path:
+                return args
+        return None

@@ -1,0 +1,200 @@
+"""Memory and compute accounting: bytes per layer (dense fp16 vs sparse, every index byte
+counted) and FLOPs per token (dense vs sparse, attention included).
+
+Sources of the per-layer non-zero counts: a model (``SparseLinear`` layers, or ``nn.Linear``
+layers' exact zeros), a sparse checkpoint's metadata, or a config plus an assumed uniform
+sparsity (for presets without weights, e.g. ``luminous-base-13b``).
+
+Counted per token: 2 FLOPs per multiply-add of every projection (2 rows cols dense,
+2 nnz sparse), the LM head, and attention at context length ``context``
+(QK^T and AV: 4 n_heads head_dim context per layer). Not counted (each well under 1%):
+norms, rotary embeddings, softmax, SwiGLU/GELU, residual adds. Bytes: the embedding, the
+LM head (unless tied), norms and biases are dense fp16 in both columns; sparse layers are
+``format_nbytes`` of their format with fp32 biases (as ``SparseLinear`` stores them).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional
+
+from ..config import ModelConfig
+from .formats import DTYPE_NAMES, format_nbytes
+
+# The seed's published whole-model figures (CSR at 80% sparsity), shown next to ours.
+SEED_MEMORY_RATIO = 0.44
+SEED_COMPUTE_RATIO = 0.20
+
+
+@dataclass
+class LayerRow:
+    name: str
+    rows: int
+    cols: int
+    nnz: int
+    format: str  # "dense" or a sparse format name
+    value_dtype: str  # "fp32", "bf16", "fp16"
+    bias: bool = False
+
+    @property
+    def dense_fp16_bytes(self) -> int:
+        return 2 * self.rows * self.cols + (2 * self.rows if self.bias else 0)
+
+    @property
+    def bytes(self) -> int:
+        if self.format == "dense":
+            return self.dense_fp16_bytes
+        return format_nbytes(self.format, self.rows, self.cols, self.nnz, self.value_dtype) + \
+            (4 * self.rows if self.bias else 0)
+
+    @property
+    def flops_dense(self) -> int:
+        return 2 * self.rows * self.cols
+
+    @property
+    def flops(self) -> int:
+        return self.flops_dense if self.format == "dense" else 2 * self.nnz
+
+    def as_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d.update(dense_fp16_bytes=self.dense_fp16_bytes, bytes=self.bytes, flops_dense=self.flops_dense,
+                 flops=self.flops, sparsity=1.0 - self.nnz / (self.rows * self.cols) if self.rows * self.cols else 0.0)
+        return d
+
+
+def _projection_shapes(cfg: ModelConfig):
+    d, hd = cfg.d_model, cfg.head_dim
+    attn_b, mlp_b = cfg.attn_bias, cfg.mlp_bias
+    for i in range(cfg.n_layers):
+        yield f"layers.{i}.attn.q_proj", cfg.n_heads * hd, d, attn_b
+        yield f"layers.{i}.attn.k_proj", cfg.n_kv_heads * hd, d, attn_b
+        yield f"layers.{i}.attn.v_proj", cfg.n_kv_heads * hd, d, attn_b
+        yield f"layers.{i}.attn.o_proj", d, cfg.n_heads * hd, attn_b
+        if cfg.mlp == "swiglu":
+            yield f"layers.{i}.mlp.gate_proj", cfg.d_ff, d, mlp_b
+        yield f"layers.{i}.mlp.up_proj", cfg.d_ff, d, mlp_b
+        yield f"layers.{i}.mlp.down_proj", d, cfg.d_ff, mlp_b
+
+
+def rows_from_config(cfg: ModelConfig, sparsity: float, fmt: str = "bitmap", value_dtype: str = "fp16",
+                     include_head: bool = False) -> List[LayerRow]:
+    """Every projection at a uniform ``sparsity`` (nnz rounded to the nearest integer)."""
+    out = [LayerRow(n, r, c, int(round((1.0 - sparsity) * r * c)), fmt, value_dtype, b)
+           for n, r, c, b in _projection_shapes(cfg)]
+    if include_head:
+        r, c = cfg.vocab_size, cfg.d_model
+        out.append(LayerRow("lm_head", r, c, int(round((1.0 - sparsity) * r * c)), fmt, value_dtype, False))
+    return out
+
+
+def rows_from_model(model, fmt: str = "bitmap", value_dtype: str = "fp16", include_head: bool = False) -> List[LayerRow]:
+    """Sparse layers as stored; dense ``nn.Linear`` layers as if stored in ``fmt`` with their exact zeros."""
+    import torch.nn as nn
+
+    out = []
+    for name, mod in model.linear_layers(include_head=True):
+        if name == "lm_head" and not include_head and not getattr(mod, "is_sparse_linear", False):
+            continue
+        if getattr(mod, "is_sparse_linear", False) and hasattr(mod, "values"):
+            out.append(LayerRow(name, mod.out_features, mod.in_features, mod.nnz, mod.format,
+                                DTYPE_NAMES[mod.values.dtype], mod.bias is not None))
+        elif isinstance(mod, nn.Linear):
+            w = mod.weight
+            out.append(LayerRow(name, w.shape[0], w.shape[1], int((w != 0).sum()), fmt, value_dtype,
+                                mod.bias is not None))
+    return out
+
+
+def rows_from_meta(meta: Dict[str, Any]) -> List[LayerRow]:
+    return [LayerRow(n, v["shape"][0], v["shape"][1], v["nnz"], v["format"], v["dtype"], v["bias"])
+            for n, v in meta["layers"].items()]
+
+
+def account(cfg: ModelConfig, rows: List[LayerRow], context: int = 512, head_dtype: Optional[str] = None,
+            tied_in_source: Optional[bool] = None) -> Dict[str, Any]:
+    """Per-layer and whole-model bytes and FLOPs per token (see the module docstring)."""
+    d, V = cfg.d_model, cfg.vocab_size
+    norm_params = d if cfg.norm == "rmsnorm" else 2 * d
+    names = {r.name for r in rows}
+    head_sparse = "lm_head" in names
+    tied = cfg.tie_embeddings if tied_in_source is None else tied_in_source
+    proj = [r for r in rows if r.name != "lm_head"]
+    sparse_layers = [r for r in rows if r.format != "dense"]
+
+    embed_bytes = 2 * V * d
+    if head_sparse:
+        head_row = next(r for r in rows if r.name == "lm_head")
+        head_bytes, head_dense16 = head_row.bytes, head_row.dense_fp16_bytes
+        head_flops = head_row.flops
+        head_kind = "sparse (untied copy)"
+    else:
+        hdt = head_dtype or "fp16"
+        head_dense16 = 0 if tied else 2 * V * d
+        head_bytes = 0 if (tied and head_dtype is None) else format_nbytes("dense", V, d, 0, hdt)
+        head_flops = 2 * V * d
+        head_kind = ("tied to the embedding" if tied and head_dtype is None else f"dense {hdt}" +
+                     (" (untied copy)" if tied else ""))
+    norms_bytes = 2 * norm_params * (2 * cfg.n_layers + 1)
+    attn_flops = cfg.n_layers * 4 * cfg.n_heads * cfg.head_dim * context
+
+    dense_proj_bytes = sum(r.dense_fp16_bytes for r in proj)
+    sparse_proj_bytes = sum(r.bytes for r in proj)
+    dense_total = embed_bytes + (0 if tied else 2 * V * d) + dense_proj_bytes + norms_bytes
+    sparse_total = embed_bytes + head_bytes + sparse_proj_bytes + norms_bytes
+    dense_flops = sum(r.flops_dense for r in proj) + 2 * V * d + attn_flops
+    sparse_flops = sum(r.flops for r in proj) + head_flops + attn_flops
+    sl_dense = sum(r.dense_fp16_bytes for r in sparse_layers)
+    sl_bytes = sum(r.bytes for r in sparse_layers)
+    nnz = sum(r.nnz for r in sparse_layers)
+    elems = sum(r.rows * r.cols for r in sparse_layers)
+    return {
+        "model": cfg.name,
+        "context": context,
+        "layers": [r.as_dict() for r in rows],
+        "sparse_layers": {
+            "count": len(sparse_layers), "nnz": nnz, "elements": elems,
+            "sparsity": 1.0 - nnz / elems if elems else 0.0,
+            "dense_fp16_bytes": sl_dense, "bytes": sl_bytes, "ratio": sl_bytes / sl_dense if sl_dense else 0.0,
+        },
+        "embedding": {"bytes_fp16": embed_bytes, "share_of_dense_model": embed_bytes / dense_total},
+        "lm_head": {"kind": head_kind, "bytes": head_bytes, "flops_per_token": head_flops,
+                    "dense_flops_share": 2 * V * d / dense_flops},
+        "whole_model": {
+            "dense_fp16_bytes": dense_total, "bytes": sparse_total, "memory_ratio": sparse_total / dense_total,
+            "dense_flops_per_token": dense_flops, "flops_per_token": sparse_flops,
+            "compute_ratio": sparse_flops / dense_flops, "attention_flops_per_token": attn_flops,
+        },
+        "seed": {"memory_ratio": SEED_MEMORY_RATIO, "compute_ratio": SEED_COMPUTE_RATIO},
+    }
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:9.2f}"
+
+
+def format_table(result: Dict[str, Any], per_layer: bool = True) -> str:
+    """A human-readable table of ``account``'s result."""
+    lines = []
+    if per_layer:
+        lines.append(f"{'layer':<28} {'shape':>12} {'format':>7} {'dtype':>5} {'sparsity':>8} "
+                     f"{'fp16 MB':>9} {'sparse MB':>9} {'ratio':>6} {'MFLOP/tok':>10}")
+        for r in result["layers"]:
+            lines.append(f"{r['name']:<28} {str(r['rows']) + 'x' + str(r['cols']):>12} {r['format']:>7} "
+                         f"{r['value_dtype']:>5} {r['sparsity']:8.3f} {_mb(r['dense_fp16_bytes'])} {_mb(r['bytes'])} "
+                         f"{r['bytes'] / r['dense_fp16_bytes']:6.3f} {r['flops'] / 1e6:10.2f}")
+        lines.append("")
+    s, w = result["sparse_layers"], result["whole_model"]
+    lines.append(f"model {result['model']}: {s['count']} sparse layers, sparsity {s['sparsity']:.3f}")
+    lines.append(f"  sparse layers: {_mb(s['dense_fp16_bytes']).strip()} MB dense fp16 -> {_mb(s['bytes']).strip()} MB "
+                 f"({100 * s['ratio']:.1f}% of dense fp16, all index bytes included)")
+    lines.append(f"  embedding (dense fp16): {_mb(result['embedding']['bytes_fp16']).strip()} MB "
+                 f"({100 * result['embedding']['share_of_dense_model']:.1f}% of the dense model)")
+    lines.append(f"  LM head: {result['lm_head']['kind']}, {_mb(result['lm_head']['bytes']).strip()} MB, "
+                 f"{result['lm_head']['flops_per_token'] / 1e6:.1f} MFLOP/token "
+                 f"(dense head = {100 * result['lm_head']['dense_flops_share']:.1f}% of dense FLOPs)")
+    lines.append(f"  whole model memory: {_mb(w['dense_fp16_bytes']).strip()} MB dense fp16 -> {_mb(w['bytes']).strip()} MB "
+                 f"= {100 * w['memory_ratio']:.1f}%   (seed: {100 * result['seed']['memory_ratio']:.0f}%)")
+    lines.append(f"  whole model compute at context {result['context']}: {w['dense_flops_per_token'] / 1e6:.1f} -> "
+                 f"{w['flops_per_token'] / 1e6:.1f} MFLOP/token = {100 * w['compute_ratio']:.1f}%   "
+                 f"(seed: {100 * result['seed']['compute_ratio']:.0f}%; attention "
+                 f"{w['attention_flops_per_token'] / 1e6:.1f} MFLOP/token)")
+    return "\n".join(lines)

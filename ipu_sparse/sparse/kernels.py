@@ -1,0 +1,169 @@
+"""Sparse x dense matmul: the compiled CPU kernel, and the pure-torch reference (the oracle).
+
+``sparse_matmul(x, W, bias)`` computes ``x @ W.T + bias`` for a ``SparseMatrix`` W
+(fp32 accumulation whatever the value dtype) and returns fp32.
+
+Backends:
+* ``compiled`` -- ``ipu_sparse.sparse._kernels`` (``csrc/sparse_kernels.cpp``), built by
+  ``python setup.py build_ext --inplace`` (or any install), or just-in-time with
+  ``IPU_SPARSE_JIT=1`` (``torch.utils.cpp_extension.load``, cached under
+  ``~/.cache/ipu_sparse``). Reads the bitmap / csr16 storage directly.
+* ``reference`` -- gathers ``x[:, col]``, multiplies by the values and sums each row with
+  ``index_add_``; always available, used by the tests as the oracle.
+
+``auto`` (the default) uses the compiled kernel when it is importable and the inputs are
+on the CPU, and otherwise the reference, logging once why. Environment: ``IPU_SPARSE_BACKEND``
+(auto/compiled/reference), ``IPU_SPARSE_ISA`` (force avx512/avx2/scalar), ``IPU_SPARSE_NO_EXT=1``
+(behave as if the extension were not built), ``IPU_SPARSE_JIT=1`` (compile it on first use).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+import torch
+
+from ..errors import UserError
+from .formats import Bitmap, CSR16, SparseMatrix
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "compiled", "reference")
+_state = {"ext": None, "tried": False, "reason": None, "backend": os.environ.get("IPU_SPARSE_BACKEND", "auto")}
+
+
+def _jit_build():
+    from torch.utils.cpp_extension import load
+
+    from . import build
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    link_args, _ = build.openmp_link_args(torch_lib)
+    cache = os.path.join(os.path.expanduser("~"), ".cache", "ipu_sparse", f"torch{torch.__version__}")
+    os.makedirs(cache, exist_ok=True)
+    return load(name="ipu_sparse_kernels", sources=[build.source_path(root)], extra_cflags=list(build.CXX_FLAGS),
+                extra_ldflags=link_args + ["-Wl,-rpath," + torch_lib], build_directory=cache, verbose=False)
+
+
+def load_extension():
+    """The compiled module, or None (the reason is in ``extension_status()``)."""
+    if _state["tried"]:
+        return _state["ext"]
+    _state["tried"] = True
+    try:
+        if os.environ.get("IPU_SPARSE_NO_EXT"):
+            raise ImportError("disabled by IPU_SPARSE_NO_EXT")
+        from . import _kernels as ext  # built by setup.py build_ext
+    except ImportError as exc:
+        ext = None
+        _state["reason"] = f"compiled kernel not available ({exc}); build it with `python setup.py build_ext --inplace`"
+        if os.environ.get("IPU_SPARSE_JIT"):
+            try:
+                ext = _jit_build()
+            except Exception as jit_exc:  # compiler missing, headers missing, ...
+                _state["reason"] += f"; JIT build failed: {jit_exc}"
+    if ext is not None:
+        forced = os.environ.get("IPU_SPARSE_ISA")
+        if forced:
+            try:
+                ext.set_isa(forced)
+            except RuntimeError as exc:
+                raise UserError(f"IPU_SPARSE_ISA={forced}: {exc}") from None
+        _state["reason"] = None
+    else:
+        log.warning("ipu_sparse: using the pure-torch sparse kernel: %s", _state["reason"])
+    _state["ext"] = ext
+    return ext
+
+
+def extension_status() -> str:
+    """One line: which kernel runs and why."""
+    ext = load_extension()
+    if ext is None:
+        return f"reference (pure torch): {_state['reason']}"
+    return f"compiled ({ext.isa()}; best on this CPU: {ext.best_isa()}; threads {torch.get_num_threads()})"
+
+
+def set_backend(name: str) -> None:
+    global FAST_EXT
+    if name not in BACKENDS:
+        raise UserError(f"unknown sparse backend {name!r} ({', '.join(BACKENDS)})")
+    _state["backend"] = name
+    FAST_EXT = None  # re-resolved on the next call
+
+
+def get_backend() -> str:
+    return _state["backend"]
+
+
+def set_isa(name: str) -> None:
+    """Force the compiled kernel's code path (``avx512``, ``avx2``, ``scalar``); for tests and benchmarks."""
+    ext = load_extension()
+    if ext is None:
+        raise UserError(f"no compiled kernel: {_state['reason']}")
+    try:
+        ext.set_isa(name)
+    except RuntimeError as exc:
+        raise UserError(str(exc)) from None
+
+
+def reference_matmul(x: torch.Tensor, w: SparseMatrix, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Pure-torch ``x (B, cols) @ W.T (+ bias)`` in fp32, from the stored index (no dense W)."""
+    cache = getattr(w, "_ref_index", None)
+    if cache is None:
+        cache = (w.row_indices().to(x.device), w.column_indices().to(x.device))
+        w._ref_index = cache
+    rows_idx, cols_idx = cache
+    xf = x.float()
+    prod = xf[:, cols_idx] * w.values.float()  # (B, nnz)
+    y = torch.zeros(x.shape[0], w.rows, dtype=torch.float32, device=x.device)
+    y.index_add_(1, rows_idx, prod)  # (B, rows)
+    if bias is not None:
+        y += bias.float()
+    return y
+
+
+# The compiled module once loaded while the backend allows it (read by SparseLinear.forward).
+FAST_EXT = None
+
+
+def fast_extension():
+    """The compiled module when the backend is ``auto`` or ``compiled`` and it is available, else None."""
+    global FAST_EXT
+    if _state["backend"] == "reference":
+        FAST_EXT = None
+        return None
+    ext = _state["ext"] if _state["tried"] else load_extension()
+    if ext is None and _state["backend"] == "compiled":
+        raise UserError(f"compiled sparse kernel requested but unavailable: {_state['reason']}")
+    FAST_EXT = ext
+    return ext
+
+
+def _use_compiled(x: torch.Tensor, backend: str) -> bool:
+    if backend == "reference":
+        return False
+    ext = load_extension()
+    if backend == "compiled":
+        if ext is None:
+            raise UserError(f"compiled sparse kernel requested but unavailable: {_state['reason']}")
+        return True
+    return ext is not None and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
+
+
+def sparse_matmul(x: torch.Tensor, w: SparseMatrix, bias: Optional[torch.Tensor] = None,
+                  backend: Optional[str] = None) -> torch.Tensor:
+    """``x (B, cols) @ W.T + bias`` -> (B, rows) fp32."""
+    backend = backend or _state["backend"]
+    if not _use_compiled(x, backend):
+        return reference_matmul(x, w, bias)
+    ext = _state["ext"]
+    xf = x if (x.dtype == torch.float32 and x.is_contiguous()) else x.float().contiguous()
+    b = None if bias is None else (bias if bias.dtype == torch.float32 else bias.float())
+    if isinstance(w, Bitmap):
+        return ext.bitmap_matmul(xf, w.mask, w.row_ptr, w.values, b, w.rows, w.cols)
+    if isinstance(w, CSR16):
+        return ext.csr_matmul(xf, w.row_ptr, w.col_idx, w.values, b, w.rows, w.cols)
+    return reference_matmul(x, w, bias)

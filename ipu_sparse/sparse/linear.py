@@ -1,0 +1,220 @@
+"""``SparseLinear`` and the in-place conversion ``sparsify_(model, config, filter_fn)``.
+
+Contract (tests/sparse/test_sparse_linear.py): for a pruned ``nn.Linear`` (dense weight with
+exact zeros), ``SparseLinear.from_linear(lin, fmt, dtype)(x)`` equals
+``F.linear(x, W_q, b)`` where ``W_q`` is the weight rounded to the value dtype -- exactly in
+fp32 up to summation order. Against the dense layer run entirely in bf16/fp16 the difference is
+that dtype's rounding of the output (rtol 2e-2 bf16, 2e-3 fp16 in the tests); the sparse path
+accumulates in fp32 and is the more accurate of the two.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import UserError
+from . import kernels
+from .formats import DEFAULT_FORMAT, FORMATS, SparseMatrix, format_class, from_dense, value_dtype
+
+log = logging.getLogger(__name__)
+
+
+class SparseLinear(nn.Module):
+    """A linear layer whose weight is a ``SparseMatrix`` (bitmap or csr16); bias stays dense fp32.
+
+    The format's tensors are buffers (``mask``/``col_idx``, ``row_ptr``, ``values``), so
+    ``.to(device)`` and ``state_dict()`` see them. Input of any float dtype; output in the
+    input's dtype; fp32 accumulation.
+    """
+
+    is_sparse_linear = True
+
+    def __init__(self, weight: SparseMatrix, bias: Optional[torch.Tensor] = None):
+        super().__init__()
+        self.in_features, self.out_features = weight.cols, weight.rows
+        self.format = weight.name
+        for key, t in weight.tensors().items():
+            self.register_buffer(key, t)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self._matrix: Optional[SparseMatrix] = None
+        self._matrix_key = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt: str = DEFAULT_FORMAT, dtype=None) -> "SparseLinear":
+        w = linear.weight.detach()
+        return cls(from_dense(w, fmt, dtype if dtype is not None else w.dtype),
+                   None if linear.bias is None else linear.bias.detach())
+
+    @property
+    def matrix(self) -> SparseMatrix:
+        """The weight as a format object (views of this module's buffers)."""
+        tensors = {k: getattr(self, k) for k in format_class(self.format).tensor_names}
+        key = tuple(t.data_ptr() for t in tensors.values()) + tuple(t.dtype for t in tensors.values())
+        if self._matrix is None or self._matrix_key != key:
+            self._matrix = format_class(self.format)((self.out_features, self.in_features), **tensors)
+            self._matrix_key = key
+        return self._matrix
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A dense copy of the weight (zeros included), in the value dtype. Materialised on every access."""
+        return self.matrix.to_dense()
+
+    def to_csr(self):
+        """(row_ptr int32, col_idx int32, values): plain CSR of the weight (PopSparse's host format)."""
+        return self.matrix.to_csr()
+
+    @property
+    def nnz(self) -> int:
+        return int(self.values.numel())
+
+    @property
+    def sparsity(self) -> float:
+        return self.matrix.sparsity
+
+    def nbytes(self) -> int:
+        return self.matrix.nbytes() + (0 if self.bias is None else self.bias.numel() * self.bias.element_size())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)  # (N, in)
+        ext = kernels.FAST_EXT or kernels.fast_extension()
+        buf = self._buffers  # direct dict access: nn.Module.__getattr__ costs ~1 us per buffer
+        bias = buf["bias"]
+        if ext is not None and x.dtype == torch.float32 and not x.requires_grad and x.device.type == "cpu" \
+                and (bias is None or bias.dtype == torch.float32):
+            # decode hot path: straight to the compiled kernel (it checks shapes and dtypes)
+            if self.format == "bitmap":
+                y = ext.bitmap_matmul(x2.contiguous(), buf["mask"], buf["row_ptr"], buf["values"], bias,
+                                      self.out_features, self.in_features)
+            else:
+                y = ext.csr_matmul(x2.contiguous(), buf["row_ptr"], buf["col_idx"], buf["values"], bias,
+                                   self.out_features, self.in_features)
+        else:
+            y = kernels.sparse_matmul(x2, self.matrix, self.bias)  # (N, out) fp32
+        y = y.view(*shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, format={self.format}, "
+                f"dtype={str(self.values.dtype).replace('torch.', '')}, sparsity={self.sparsity:.3f}, "
+                f"bias={self.bias is not None}")
+
+
+class LowPrecisionLinear(nn.Module):
+    """A dense linear layer stored and run in bf16/fp16 inside an fp32 model (the dense LM-head option).
+
+    Decode is memory-bound, so halving the bytes of the 49152x576 head roughly halves its time.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, dtype=torch.float16):
+        super().__init__()
+        dt = value_dtype(dtype)
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight.detach().to(dt).clone(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(dt).clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, dtype=torch.float16) -> "LowPrecisionLinear":
+        return cls(linear.weight, linear.bias, dtype)
+
+    _native = True  # torch 2.0 has no fp16 matmul on CPU: then compute in fp32 (slow, correct)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._native:
+            try:
+                return F.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
+            except RuntimeError as exc:
+                log.warning("LowPrecisionLinear: %s matmul unavailable in torch %s (%s); computing in fp32",
+                            self.weight.dtype, torch.__version__, exc)
+                self._native = False
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.weight.float(), bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.weight.dtype}"
+
+
+@dataclass
+class SparseConfig:
+    """What ``sparsify_`` does.
+
+    format: "bitmap" (compact, default) or "csr16". dtype: value dtype "fp32", "bf16", "fp16".
+    include_head: also convert the LM head (untied from the embedding first).
+    min_sparsity: leave layers with fewer exact zeros than this dense.
+    head_dtype: if set (e.g. "fp16") and the head is not converted to sparse, store the dense head
+    in that dtype (an untied copy when tied to the embedding).
+    """
+
+    format: str = DEFAULT_FORMAT
+    dtype: str = "bf16"
+    include_head: bool = False
+    min_sparsity: float = 0.0
+    head_dtype: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise UserError(f"unknown sparse format {self.format!r} (known: {', '.join(sorted(FORMATS))})")
+        value_dtype(self.dtype)
+        if self.head_dtype is not None:
+            value_dtype(self.head_dtype)
+        if not 0.0 <= self.min_sparsity <= 1.0:
+            raise UserError(f"min_sparsity must be in [0, 1], got {self.min_sparsity}")
+
+
+def _set_module(root: nn.Module, fqn: str, new: nn.Module) -> None:
+    parent_name, _, child = fqn.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _default_targets(model: nn.Module, include_head: bool) -> Dict[str, nn.Module]:
+    if hasattr(model, "linear_layers"):
+        return dict(model.linear_layers(include_head=include_head))
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def sparsify_(model: nn.Module, config: Optional[SparseConfig] = None,
+              filter_fn: Optional[Callable[[nn.Module, str], bool]] = None) -> nn.Module:
+    """Replace selected ``nn.Linear`` modules of ``model`` by ``SparseLinear`` in place; returns ``model``.
+
+    Selected: the decoder projections (``model.linear_layers``; plus the LM head with
+    ``config.include_head``), or, for other models, every ``nn.Linear``; then narrowed by
+    ``filter_fn(module, fqn)`` when given. Weights keep their exact zeros' positions.
+    """
+    config = config or SparseConfig()
+    targets = _default_targets(model, config.include_head)
+    if config.include_head and hasattr(model, "untie_lm_head_"):
+        if "lm_head" in targets and (filter_fn is None or filter_fn(model.lm_head, "lm_head")):
+            if model.config.tie_embeddings:
+                model.sparse_source_tied = True  # for the accounting of the dense baseline
+            model.untie_lm_head_()
+            targets["lm_head"] = model.lm_head
+    converted = 0
+    with torch.no_grad():
+        for fqn, mod in targets.items():
+            if not isinstance(mod, nn.Linear):
+                continue  # already sparse
+            if filter_fn is not None and not filter_fn(mod, fqn):
+                continue
+            w = mod.weight
+            if w.numel() and float((w == 0).sum()) / w.numel() < config.min_sparsity:
+                continue
+            _set_module(model, fqn, SparseLinear.from_linear(mod, config.format, config.dtype))
+            converted += 1
+        head = getattr(model, "lm_head", None)
+        if config.head_dtype is not None and isinstance(head, nn.Linear):
+            if getattr(getattr(model, "config", None), "tie_embeddings", False):
+                model.sparse_source_tied = True
+                model.config.tie_embeddings = False
+            model.lm_head = LowPrecisionLinear.from_linear(head, config.head_dtype)
+    return model
+
+
+def sparse_modules(model: nn.Module) -> Dict[str, SparseLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}

@@ -27,9 +27,9 @@ $(VENV38)/.installed: requirements-py38.txt setup.py
 venv: $(VENV)/.installed
 venv38: $(VENV38)/.installed
 
-# Set up, load SmolLM2-135M-Instruct and answer a question with it.
+# Set up, then the main job on SmolLM2-135M-Instruct: chat, prune, sparse chat, perplexity, IPU plan, simulation.
 demo: venv
-	$(VENV)/bin/ipu-sparse generate --model smollm2-135m --chat --stats --prompt "What is the capital of France?"
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" scripts/demo.sh runs/demo
 
 # The whole test suite (tiny presets in seconds; the real model in tests marked slow).
 test: venv

@@ -41,7 +41,7 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 def rope_tables(cfg: ModelConfig, positions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables for the given positions, each (T, hd), "rotate half" layout."""
     hd = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))  # (hd/2,)
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=positions.device) / hd))  # (hd/2,)
     angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (T, hd/2)
     emb = torch.cat([angles, angles], dim=-1)  # (T, hd)
     return emb.cos(), emb.sin()

@@ -218,3 +218,19 @@ def sparsify_(model: nn.Module, config: Optional[SparseConfig] = None,
 
 def sparse_modules(model: nn.Module) -> Dict[str, SparseLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, SparseLinear)}
+
+
+def densify_(model: nn.Module) -> nn.Module:
+    """Inverse of ``sparsify_``: every ``SparseLinear`` / ``LowPrecisionLinear`` back to an fp32
+    ``nn.Linear`` holding the same weights (pruned ones as exact zeros); returns ``model``."""
+    with torch.no_grad():
+        for fqn, mod in list(model.named_modules()):
+            if not isinstance(mod, (SparseLinear, LowPrecisionLinear)):
+                continue
+            w = mod.weight.detach().float()
+            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+            lin.weight.copy_(w)
+            if mod.bias is not None:
+                lin.bias.copy_(mod.bias.detach().float())
+            _set_module(model, fqn, lin)
+    return model

@@ -135,3 +135,18 @@ def test_to_csr_for_the_ipu_path():
     row_ptr, col_idx, values = sp.to_csr()
     dense = torch.sparse_csr_tensor(row_ptr.long(), col_idx.long(), values, (9, 50)).to_dense()
     assert torch.equal(dense, lin.weight.detach())
+
+
+def test_densify_inverts_sparsify(tiny_llama):
+    from ipu_sparse.sparse.linear import SparseConfig, densify_, sparsify_
+
+    with torch.no_grad():
+        for _, m in tiny_llama.linear_layers():
+            m.weight[m.weight.abs() < m.weight.abs().median()] = 0
+    idx = torch.randint(0, 256, (1, 9))
+    ref = tiny_llama(idx)
+    sparsify_(tiny_llama, SparseConfig(format="csr16", dtype="fp32"))
+    assert all(getattr(m, "is_sparse_linear", False) for _, m in tiny_llama.linear_layers())
+    densify_(tiny_llama)
+    assert all(type(m) is torch.nn.Linear for _, m in tiny_llama.linear_layers())
+    torch.testing.assert_close(tiny_llama(idx), ref)

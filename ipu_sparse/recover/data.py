@@ -1,0 +1,368 @@
+"""Training text for recovery: user files/directories, or text the dense teacher writes itself.
+
+Evaluation sets are refused (WikiText-2 test, the zero-shot task files). Text becomes one
+token stream (documents separated by EOS) cut into non-overlapping windows of ``seq_len``
+tokens; the last windows are held out for periodic evaluation. The batch for a given
+micro-step is a pure function of (seed, step), so a resumed run sees exactly the data the
+uninterrupted one would have seen.
+
+Data-free source (self-distillation data): the teacher samples continuations of a fixed
+set of diverse prompts (chat requests and plain-text openings), several samples per
+prompt in one batch (identical prompt lengths, so no padding is needed). Samples are
+appended to a cache directory as they are made; a later request for more tokens with the
+same settings extends the cache instead of starting over.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from ..errors import UserError
+
+TEXT_SUFFIXES = (".txt", ".md", ".text", ".tokens", ".raw", ".rst", ".jsonl", ".json", ".py", ".html", ".csv")
+# Evaluation data: training on it would make every published number meaningless.
+EVAL_NAMES = ("wiki.test", "lambada", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande")
+
+
+@dataclass
+class TokenWindows:
+    """``train`` (N, L) and ``heldout`` (M, L) token windows, plus where they came from."""
+
+    train: torch.Tensor
+    heldout: torch.Tensor
+    source: str
+    n_tokens: int
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.train.shape[1])
+
+    def batch(self, micro_step: int, batch_size: int, seed: int) -> torch.Tensor:
+        """The (batch_size, L) windows of one micro-step: epoch-wise permutations seeded by (seed, epoch)."""
+        n = self.train.shape[0]
+        rows = []
+        perm_epoch, perm = -1, None
+        for j in range(micro_step * batch_size, (micro_step + 1) * batch_size):
+            epoch, pos = divmod(j, n)
+            if epoch != perm_epoch:
+                g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+                perm, perm_epoch = torch.randperm(n, generator=g), epoch
+            rows.append(int(perm[pos]))
+        return self.train[rows]
+
+
+def _check_not_eval(path: Path) -> None:
+    low = path.name.lower()
+    if any(low.startswith(n) for n in EVAL_NAMES) or "zeroshot" in {p.lower() for p in path.parts}:
+        raise UserError(f"{path}: this is an evaluation set; recovery never trains on evaluation data")
+
+
+def collect_text_files(paths: Sequence) -> List[Path]:
+    """Files named directly, plus text files found under directories (sorted, recursive)."""
+    files: List[Path] = []
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            raise UserError(f"{p}: no such file or directory")
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in TEXT_SUFFIXES
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            if not found:
+                raise UserError(f"{p}: directory holds no text files ({', '.join(TEXT_SUFFIXES)})")
+            files.extend(found)
+        else:
+            files.append(p)
+    for f in files:
+        _check_not_eval(f)
+    return files
+
+
+def tokenize_files(tokenizer, files: Sequence[Path]) -> List[int]:
+    eos = getattr(tokenizer, "eos_id", None)
+    ids: List[int] = []
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise UserError(f"{f}: cannot read ({exc})") from None
+        if not text.strip():
+            continue
+        ids.extend(tokenizer.encode(text))
+        if eos is not None:
+            ids.append(eos)
+    return ids
+
+
+def windows_from_ids(ids: Sequence[int], seq_len: int, heldout_windows: int, min_train_windows: int,
+                     source: str) -> TokenWindows:
+    """Cut a token stream into non-overlapping windows; the last ``heldout_windows`` are held out."""
+    n = len(ids) // seq_len
+    need = min_train_windows + heldout_windows
+    if n < need:
+        raise UserError(f"{source}: too little text: {len(ids)} tokens make {n} windows of {seq_len}, need at least "
+                        f"{need} ({min_train_windows} for one training batch + {heldout_windows} held out); "
+                        f"give more text or lower --seq-len/--batch-size/--heldout-windows")
+    t = torch.tensor(list(ids[: n * seq_len]), dtype=torch.long).view(n, seq_len)  # (n, L)
+    split = n - heldout_windows
+    return TokenWindows(t[:split].clone(), t[split:].clone(), source, len(ids))
+
+
+# ----- data-free source: the teacher writes its own training text ----------------------------
+
+CHAT_PROMPTS = (
+    "Explain how photosynthesis works in simple terms.",
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "What are the main causes of the French Revolution?",
+    "Give me three tips for learning a new programming language.",
+    "How does a vaccine train the immune system?",
+    "Describe the water cycle step by step.",
+    "Write a polite email asking a colleague to review a document.",
+    "What is the difference between weather and climate?",
+    "Summarize the plot of Romeo and Juliet.",
+    "How do I make a simple tomato soup?",
+    "Why is the sky blue?",
+    "Write a Python function that checks whether a number is prime, and explain it.",
+    "What should I consider when buying a used car?",
+    "Explain what inflation is and why it matters.",
+    "Describe the life cycle of a star.",
+    "Write a poem about autumn in a small town.",
+    "What are the benefits of regular exercise?",
+    "How does the internet route a message from one computer to another?",
+    "Compare cats and dogs as pets.",
+    "What was the Industrial Revolution and how did it change daily life?",
+    "Give advice to someone starting their first job.",
+    "Explain the rules of chess briefly.",
+    "How do plants and animals adapt to life in the desert?",
+    "What is machine learning? Give an everyday example.",
+    "Plan a three-day trip to Rome for a family.",
+    "Explain the Pythagorean theorem with an example.",
+    "Why do we have seasons on Earth?",
+    "Write a dialogue between a customer and a baker.",
+    "What are some good habits for better sleep?",
+    "Describe how a bill becomes a law in a parliament.",
+    "What is the role of enzymes in digestion?",
+    "Tell me about the history of the printing press.",
+)
+
+TEXT_PROMPTS = (
+    "The history of the Roman Empire begins",
+    "In the early morning, the village market",
+    "The theory of evolution by natural selection",
+    "Football is one of the most popular sports in the world. It",
+    "The river flows from the mountains to the sea, and along its banks",
+    "The company reported its annual results on Tuesday,",
+    "Mount Everest, the highest mountain on Earth,",
+    "The album was released in 1998 and",
+    "Early computers filled entire rooms and",
+    "The novel follows a young woman who",
+    "During the Second World War, the city",
+    "The cathedral was built in the thirteenth century",
+    "Honey bees live in colonies that",
+    "The election campaign focused on",
+    "The species is found in tropical forests of",
+    "In mathematics, a prime number is",
+)
+
+
+@dataclass
+class SelfDistillConfig:
+    n_tokens: int = 100_000
+    max_new_tokens: int = 256
+    samples_per_prompt: int = 8  # one batch: same prompt, different samples
+    temperature: float = 1.0
+    top_p: float = 0.95
+    seed: int = 0
+
+    def key(self, teacher_fingerprint: str) -> str:
+        d = {k: getattr(self, k) for k in ("max_new_tokens", "samples_per_prompt", "temperature", "top_p", "seed")}
+        d["teacher"] = teacher_fingerprint
+        d["prompts"] = list(CHAT_PROMPTS) + list(TEXT_PROMPTS)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_fingerprint(model) -> str:
+    """A short hash of the config and a strided sample of every weight (cheap, content-based)."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in model.config.to_dict().items() if k != "name"},
+                                  sort_keys=True).encode())
+    for name, p in model.state_dict().items():
+        flat = p.detach().float().flatten()
+        step = max(1, flat.numel() // 4096)
+        h.update(name.encode())
+        h.update(flat[::step].cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def prompt_ids_list(tokenizer) -> List[List[int]]:
+    """Token ids of every prompt: chat requests through the chat template, then plain openings."""
+    out = []
+    for text in CHAT_PROMPTS:
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        out.append(tokenizer.encode(chat))
+    for text in TEXT_PROMPTS:
+        out.append(tokenizer.encode(text, add_bos=getattr(tokenizer, "bos_id", None) is not None))
+    return out
+
+
+def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    drop = (probs.cumsum(-1) - probs) >= top_p  # keep the first token always
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+@torch.no_grad()
+def sample_batch(model, prompt: Sequence[int], n: int, max_new: int, temperature: float, top_p: float,
+                 generator: torch.Generator, stop_ids) -> List[List[int]]:
+    """``n`` sampled continuations of one prompt (KV-cached decode); each ends at its first stop token."""
+    device = next(model.parameters()).device
+    P = len(prompt)
+    model.setup_cache(n, P + max_new)
+    try:
+        idx = torch.tensor([list(prompt)] * n, dtype=torch.long, device=device)  # (n, P)
+        logits = model(idx, input_pos=torch.arange(P, device=device), last_only=True)[:, -1]  # (n, V)
+        out = torch.zeros(n, 0, dtype=torch.long)
+        stop = torch.tensor(sorted(stop_ids) or [-1], dtype=torch.long)
+        done = torch.zeros(n, dtype=torch.bool)
+        for t in range(max_new):
+            lg = _filter_top_p(logits.float().cpu() / max(temperature, 1e-6), top_p)
+            nxt = torch.multinomial(torch.softmax(lg, dim=-1), 1, generator=generator)  # (n, 1)
+            out = torch.cat([out, nxt], dim=1)
+            done |= torch.isin(nxt[:, 0], stop)
+            if bool(done.all()) or t == max_new - 1:
+                break
+            logits = model(nxt.to(device), input_pos=torch.tensor([P + t], device=device), last_only=True)[:, -1]
+    finally:
+        model.clear_cache()
+    samples = []
+    for row in out.tolist():
+        cut = next((i + 1 for i, tok in enumerate(row) if tok in set(stop.tolist())), len(row))
+        samples.append(row[:cut])
+    return samples
+
+
+def _read_cache(path: Path) -> Tuple[List[dict], bool]:
+    """Records of the cache file, and whether it ends in a torn line (an interrupted write)."""
+    records, torn = [], False
+    if path.is_file():
+        with open(path, "r", encoding="utf-8") as fh:
+            for line in fh:
+                try:
+                    if not line.endswith("\n"):
+                        raise ValueError("incomplete line")
+                    records.append(json.loads(line))
+                except ValueError:
+                    torn = True  # regenerate from here
+                    break
+    return records, torn
+
+
+def self_distill_ids(teacher, tokenizer, cache_dir, cfg: Optional[SelfDistillConfig] = None,
+                     progress: bool = False) -> Tuple[List[int], Path]:
+    """At least ``cfg.n_tokens`` tokens of teacher-written text (documents joined by EOS), cached.
+
+    Returns the token stream and the cache file. Sample (prompt p, round r) uses its own
+    generator seeded from (seed, p, r), so the stream is identical however often it is extended."""
+    cfg = cfg or SelfDistillConfig()
+    prompts = prompt_ids_list(tokenizer)
+    limit = teacher.config.max_seq_len
+    usable = [i for i, p in enumerate(prompts) if len(p) + 8 <= limit]  # room for at least 8 new tokens
+    if not usable:
+        raise UserError(f"the model's context ({limit}) is too short for the built-in prompts")
+    key = cfg.key(model_fingerprint(teacher))
+    cache_dir = Path(cache_dir) / f"selfdistill-{key}"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    cache = cache_dir / "samples.jsonl"
+    meta = cache_dir / "meta.json"
+    if not meta.is_file():
+        tmp = meta.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"settings": cfg.__dict__, "teacher_fingerprint": key,
+                                   "prompts": list(CHAT_PROMPTS) + list(TEXT_PROMPTS)}, indent=1))
+        os.replace(tmp, meta)
+    records, torn = _read_cache(cache)
+    if torn:  # rewrite the file without its torn tail, so appends start on a clean line
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, cache)
+    eos = getattr(tokenizer, "eos_id", None)
+    stop_ids = set(getattr(tokenizer, "stop_ids", set()) or set()) | ({eos} if eos is not None else set())
+
+    def stream_len(recs):
+        return sum(len(prompts[r["p"]]) + len(s) + 1 for r in recs for s in r["samples"])
+
+    have = stream_len(records)
+    generated = have < cfg.n_tokens
+    bar = None
+    if have < cfg.n_tokens and progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.n_tokens, initial=min(have, cfg.n_tokens), desc="self-distillation text", unit="tok",
+                   dynamic_ncols=True)
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        with open(cache, "a", encoding="utf-8") as fh:
+            while have < cfg.n_tokens:
+                i = len(records)
+                p, r = usable[i % len(usable)], i // len(usable)
+                g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + p) * 1_000_003 + r)
+                max_new = min(cfg.max_new_tokens, limit - len(prompts[p]))
+                samples = sample_batch(teacher, prompts[p], cfg.samples_per_prompt, max_new, cfg.temperature,
+                                       cfg.top_p, g, stop_ids)
+                rec = {"p": p, "r": r, "samples": samples}
+                fh.write(json.dumps(rec) + "\n")
+                fh.flush()
+                records.append(rec)
+                added = stream_len([rec])
+                have += added
+                if bar is not None:
+                    bar.update(added)
+    finally:
+        teacher.train(was_training)
+        if bar is not None:
+            bar.close()
+    ids: List[int] = []
+    for rec in records:
+        for s in rec["samples"]:
+            ids.extend(prompts[rec["p"]])
+            ids.extend(s)
+            if eos is not None and (not s or s[-1] != eos):
+                ids.append(eos)
+    if generated or not (cache_dir / "samples.txt").exists():
+        _write_readable(cache_dir / "samples.txt", records, prompts, tokenizer)
+    return ids, cache
+
+
+def _write_readable(path: Path, records, prompts, tokenizer) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for rec in records:
+            for s in rec["samples"]:
+                fh.write(tokenizer.decode(list(prompts[rec["p"]]) + list(s), skip_special=False))
+                fh.write("\n\n=====\n\n")
+    os.replace(tmp, path)
+
+
+def build_windows(tokenizer, seq_len: int, batch_size: int, heldout_windows: int, texts: Optional[Sequence] = None,
+                  teacher=None, cache_dir=None, selfdistill: Optional[SelfDistillConfig] = None,
+                  progress: bool = False) -> TokenWindows:
+    """Training/held-out windows from user ``texts`` (files or directories), or else the data-free source."""
+    if seq_len < 2:
+        raise UserError(f"--seq-len must be >= 2, got {seq_len}")
+    if texts:
+        files = collect_text_files(texts)
+        ids = tokenize_files(tokenizer, files)
+        source = ", ".join(str(f) for f in files[:3]) + (f" (+{len(files) - 3} files)" if len(files) > 3 else "")
+        return windows_from_ids(ids, seq_len, heldout_windows, batch_size, source)
+    if teacher is None or cache_dir is None:
+        raise UserError("no training text given and no teacher/cache directory for the data-free source")
+    ids, cache = self_distill_ids(teacher, tokenizer, cache_dir, selfdistill, progress=progress)
+    return windows_from_ids(ids, seq_len, heldout_windows, batch_size, f"self-distillation text ({cache})")

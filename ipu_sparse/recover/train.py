@@ -1,0 +1,599 @@
+"""Sparse recovery training: distil the dense teacher into the pruned student, mask held fixed.
+
+A run is a list of phases. Without gradual pruning there is one phase at the student's own
+mask; with ``gradual=(0.5, 0.65)`` and ``target_sparsity=0.8`` the phases prune to 50%, 65%
+and 80% in turn (each re-pruning keeps every earlier pruned weight pruned). Each phase:
+optional block-wise reconstruction (``blockwise.py``), then end-to-end knowledge distillation
+(KL on logits with temperature, optional SquareHead hidden-state matching and hard-label
+cross-entropy), AdamW, linear warm-up + cosine decay, gradient accumulation, optional bf16
+autocast.
+
+The run directory ``out`` is at every save a loadable checkpoint (``ipu_sparse.json``,
+``model.safetensors``, tokenizer, ``mask.safetensors``) plus ``train_state.pt`` (optimizer,
+schedule position, data position, RNG state, history) and ``history.json``; it is replaced
+atomically. The batch of micro-step k is a pure function of (seed, k) and nothing else is
+random, so ``resume`` continues bit-for-bit where the run stopped. Ctrl-C (SIGINT) finishes
+the current step, saves and stops; a second Ctrl-C aborts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from ..errors import UserError
+from .data import TokenWindows, model_fingerprint
+from .losses import HiddenCapture, hidden_loss, kd_loss, next_token_nll
+from .masks import (MASK_FILE, Masks, apply_masks_, load_mask_file, magnitude_masks, mask_gradients_,
+                    mask_sparsity, masks_to, save_masks)
+
+STATE_FILE = "train_state.pt"
+HISTORY_FILE = "history.json"
+PLOT_FILE = "loss_curve.png"
+STATE_VERSION = 1
+
+
+@dataclass
+class RecoverConfig:
+    """Every setting of a recovery run. Fields in ``RUNTIME_FIELDS`` may change on resume; the rest may not."""
+
+    seq_len: int = 512
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    temperature: float = 1.0
+    kd_weight: float = 1.0
+    hidden_weight: float = 0.0
+    ce_weight: float = 0.0
+    steps: Optional[int] = None        # end-to-end optimizer steps over all phases (the schedule's horizon)
+    max_tokens: Optional[int] = None   # or: end-to-end tokens -> steps
+    block_epochs: int = 0              # block-wise reconstruction epochs per phase (0: off)
+    block_windows: int = 32
+    block_batch: int = 2
+    block_lr: float = 2e-4
+    gradual: Tuple[float, ...] = ()    # intermediate sparsities before target_sparsity
+    target_sparsity: Optional[float] = None
+    prune_method: str = "magnitude"
+    train_embeddings: bool = False
+    bf16: bool = False
+    seed: int = 0
+    heldout_windows: int = 8
+    # runtime: may differ between a run and its resume
+    max_minutes: Optional[float] = None
+    stop_after: Optional[int] = None   # pause after this many end-to-end steps in total (saves; resumable)
+    eval_every: int = 50
+    save_every_minutes: float = 10.0
+
+    RUNTIME_FIELDS = ("max_minutes", "stop_after", "eval_every", "save_every_minutes")
+
+    def validate(self) -> None:
+        def positive(name, allow_zero=False):
+            v = getattr(self, name)
+            if v is None:
+                return
+            if v < 0 or (v == 0 and not allow_zero):
+                raise UserError(f"--{name.replace('_', '-')} must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+
+        for n in ("seq_len", "batch_size", "grad_accum", "lr", "temperature", "steps", "max_tokens",
+                  "block_windows", "block_batch", "block_lr", "max_minutes", "eval_every", "save_every_minutes",
+                  "heldout_windows"):
+            positive(n)
+        for n in ("warmup_steps", "weight_decay", "grad_clip", "kd_weight", "hidden_weight", "ce_weight",
+                  "block_epochs", "stop_after", "min_lr_ratio"):
+            positive(n, allow_zero=True)
+        if self.kd_weight == 0 and self.hidden_weight == 0 and self.ce_weight == 0:
+            raise UserError("all loss weights are zero")
+        if self.steps is None and self.max_tokens is None and self.max_minutes is None:
+            raise UserError("give a budget: --steps, --max-tokens or --max-minutes")
+        if self.gradual:
+            if self.target_sparsity is None:
+                raise UserError("gradual pruning needs a target sparsity (--sparsity)")
+            seq = list(self.gradual) + [self.target_sparsity]
+            if any(not 0.0 < s < 1.0 for s in seq) or any(b <= a for a, b in zip(seq, seq[1:])):
+                raise UserError(f"gradual sparsities must increase within (0, 1) up to the target: {seq}")
+        elif self.target_sparsity is not None and not 0.0 < self.target_sparsity < 1.0:
+            raise UserError(f"sparsity must be in (0, 1), got {self.target_sparsity}")
+
+    def identity(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in self.RUNTIME_FIELDS:
+            d.pop(k)
+        d["gradual"] = list(d["gradual"])
+        return d
+
+    def phase_sparsities(self) -> List[Optional[float]]:
+        if self.gradual:
+            return list(self.gradual) + [self.target_sparsity]
+        return [self.target_sparsity]  # None: keep the student's own mask
+
+
+def lr_at(step: int, base: float, warmup: int, horizon: Optional[int], min_ratio: float) -> float:
+    """Linear warm-up over ``warmup`` steps (at most a fifth of a known horizon), then cosine from ``base``
+    to ``min_ratio * base`` at ``horizon``."""
+    if horizon is not None:
+        warmup = min(warmup, max(1, horizon // 5))
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if horizon is None or horizon <= warmup:
+        return base
+    frac = min(1.0, (step - warmup) / max(1, horizon - warmup))
+    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def windows_fingerprint(windows: TokenWindows) -> str:
+    h = hashlib.sha256(windows.train.numpy().astype("int64").tobytes())
+    h.update(windows.heldout.numpy().astype("int64").tobytes())
+    return h.hexdigest()[:16]
+
+
+class _StopFlag:
+    """SIGINT sets a flag (the loop saves and stops after the current step); a second SIGINT aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: finishing this step, saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+def default_reprune(student, sparsity: float, method: str, calib_ids: torch.Tensor, old_masks: Optional[Masks]) -> Masks:
+    """Re-prune ``student`` to ``sparsity``; earlier pruned weights stay pruned. Returns the new masks."""
+    if method == "magnitude":
+        masks = magnitude_masks(student, sparsity)
+    else:
+        from .prune_bridge import prune_with_project_method
+
+        masks = prune_with_project_method(student, sparsity, method, calib_ids)
+    if old_masks is not None:
+        masks = {k: masks[k] & old_masks[k] for k in masks}
+    return masks
+
+
+class Recovery:
+    """One recovery run (see the module docstring). Use ``run()``; ``summary`` afterwards."""
+
+    def __init__(self, teacher, student, tokenizer, windows: TokenWindows, cfg: RecoverConfig, out,
+                 masks: Optional[Masks] = None, resume: bool = False, overwrite: bool = False,
+                 progress: bool = True, student_source: str = "student", extra_meta: Optional[dict] = None,
+                 reprune: Callable = default_reprune, log: Callable[[str], None] = None,
+                 extra_eval: Optional[Callable[[Any], Dict[str, float]]] = None):
+        cfg.validate()
+        if windows.seq_len != cfg.seq_len:
+            raise UserError(f"windows have {windows.seq_len} tokens, config says seq_len {cfg.seq_len}")
+        if cfg.seq_len > teacher.config.max_seq_len:
+            raise UserError(f"--seq-len {cfg.seq_len} exceeds the model's context of {teacher.config.max_seq_len}")
+        self.teacher, self.student, self.tokenizer = teacher, student, tokenizer
+        self.windows, self.cfg, self.out = windows, cfg, Path(out)
+        self.progress, self.reprune, self.extra_meta = progress, reprune, dict(extra_meta or {})
+        # extra_eval(model) -> metrics, run at every evaluation (e.g. a quick WikiText-2 ppl for a curve);
+        # evaluation time is not charged to --max-minutes
+        self.extra_eval = extra_eval
+        self._eval_s = 0.0
+        self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        self.device = next(student.parameters()).device
+        self.student_source = student_source
+        if masks is None and not cfg.gradual:
+            raise UserError(f"{student_source}: no sparsity mask given and no gradual pruning requested")
+        self.masks = masks
+        self.identity = {
+            "config": cfg.identity(),
+            "teacher": model_fingerprint(teacher),
+            "student": model_fingerprint(student),
+            "data": windows_fingerprint(windows),
+        }
+        self._check_out(resume, overwrite)
+        self.state: Dict[str, Any] = {
+            "version": STATE_VERSION, "phase": 0, "stage": "prune", "block": 0, "phase_step": 0,
+            "global_step": 0, "micro_step": 0, "tokens": 0, "block_tokens": 0, "elapsed_s": 0.0,
+            "horizons": {}, "history": [], "finished": False, "optimizer": None, "rng": None,
+        }
+        if resume:
+            self._load_resume()
+        self._session_start = time.time()
+        self._elapsed_base = self.state["elapsed_s"]
+        self._last_save = time.time()
+        self.stop_flag = _StopFlag()
+        self.stop_reason: Optional[str] = None
+
+    # ----- output directory ----------------------------------------------------
+    def _check_out(self, resume: bool, overwrite: bool) -> None:
+        out = self.out
+        if resume:
+            if not (out / STATE_FILE).is_file():
+                raise UserError(f"{out}: nothing to resume (no {STATE_FILE})")
+            return
+        if out.exists() and not overwrite:
+            what = "a recovery run" if (out / STATE_FILE).is_file() else "something"
+            raise UserError(f"{out}: already holds {what}; pass --resume to continue it or --overwrite to replace it")
+
+    def _load_resume(self) -> None:
+        try:
+            state = torch.load(str(self.out / STATE_FILE), map_location="cpu")
+        except Exception as exc:  # a truncated or foreign file
+            raise UserError(f"{self.out / STATE_FILE}: unreadable training state ({exc})") from None
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise UserError(f"{self.out / STATE_FILE}: not a recovery state of version {STATE_VERSION}")
+        saved = state["identity"]
+        if saved != self.identity:
+            diffs = []
+            for key in ("teacher", "student", "data"):
+                if saved.get(key) != self.identity[key]:
+                    diffs.append(f"{key} differs")
+            sc, nc = saved.get("config", {}), self.identity["config"]
+            for k in sorted(set(sc) | set(nc)):
+                if sc.get(k) != nc.get(k):
+                    diffs.append(f"{k}: run has {sc.get(k)!r}, now {nc.get(k)!r}")
+            raise UserError(f"{self.out}: cannot resume: this run was made with a different configuration ("
+                            + "; ".join(diffs[:6]) + ")")
+        from safetensors.torch import load_file
+
+        from ..loading import load_state_dict_strict
+
+        sd = load_file(str(self.out / "model.safetensors"))
+        load_state_dict_strict(self.student, {k: v.to(self.device) for k, v in sd.items()}, str(self.out))
+        if (self.out / MASK_FILE).is_file():
+            self.masks = load_mask_file(self.out / MASK_FILE, self.student)
+        self.state = state
+        if state.get("rng") is not None:
+            torch.set_rng_state(state["rng"]["torch"])
+            random.setstate(state["rng"]["python"])
+
+    def elapsed(self) -> float:
+        """Training seconds so far (all sessions), evaluation time excluded."""
+        return self._elapsed_base + (time.time() - self._session_start) - self._eval_s
+
+    def save(self, final: bool = False) -> None:
+        from ..checkpoint import atomic_directory, save_dense_checkpoint
+
+        st = self.state
+        st["elapsed_s"] = self.elapsed()
+        st["identity"] = self.identity
+        st["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        meta = dict(self.extra_meta)
+        meta["mask_file"] = MASK_FILE
+        meta["recovery"] = {
+            "finished": st["finished"], "phase": st["phase"], "stage": st["stage"], "steps": st["global_step"],
+            "tokens": st["tokens"], "block_tokens": st["block_tokens"], "elapsed_s": round(st["elapsed_s"], 1),
+            "sparsity": mask_sparsity(self.masks) if self.masks else None, "config": self.cfg.identity(),
+            "source": self.windows.source,
+        }
+        with atomic_directory(self.out, overwrite=True) as tmp:
+            inner = tmp / "checkpoint"
+            save_dense_checkpoint(self.student, self.tokenizer, inner, extra_meta=meta)
+            for f in inner.iterdir():
+                os.replace(f, tmp / f.name)
+            inner.rmdir()
+            if self.masks:
+                save_masks(self.masks, tmp / MASK_FILE)
+            torch.save(st, str(tmp / STATE_FILE))
+            (tmp / HISTORY_FILE).write_text(json.dumps({"config": dataclasses.asdict(self.cfg), "source": self.windows.source,
+                                                        "history": st["history"]}, indent=0))
+            if final:
+                try:
+                    from .plot import plot_history
+
+                    plot_history(st["history"], tmp / PLOT_FILE, title=f"recovery of {self.student_source}")
+                except ImportError:
+                    pass
+        self._last_save = time.time()
+
+    # ----- budget ----------------------------------------------------------------
+    def _should_stop(self) -> bool:
+        if self.stop_flag.requested:
+            self.stop_reason = "interrupted"
+            return True
+        if self.cfg.max_minutes is not None and self.elapsed() >= self.cfg.max_minutes * 60:
+            self.stop_reason = "time budget reached"
+            return True
+        return False
+
+    def _maybe_save(self) -> None:
+        if time.time() - self._last_save >= self.cfg.save_every_minutes * 60:
+            self.save()
+
+    def _phase_horizons(self, n_phases: int) -> Optional[List[int]]:
+        cfg = self.cfg
+        total = cfg.steps
+        if total is None and cfg.max_tokens is not None:
+            total = max(1, cfg.max_tokens // (cfg.batch_size * cfg.grad_accum * cfg.seq_len))
+        if total is None:
+            return None
+        return [total // n_phases + (1 if i < total % n_phases else 0) for i in range(n_phases)]
+
+    # ----- evaluation --------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model) -> Dict[str, float]:
+        """Mean next-token NLL (-> perplexity) and KL to the teacher on the held-out windows."""
+        ids = self.windows.heldout.to(self.device)
+        amp = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
+        nll, kl, n = 0.0, 0.0, 0
+        for i in range(0, ids.shape[0], self.cfg.batch_size):
+            x = ids[i:i + self.cfg.batch_size]
+            with amp:
+                logits = model(x)
+                t_logits = self.teacher(x) if model is not self.teacher else logits
+            nll += next_token_nll(logits, x).item() * x.shape[0]
+            kl += kd_loss(logits, t_logits, 1.0).item() * x.shape[0]
+            n += x.shape[0]
+        return {"heldout_ppl": math.exp(nll / n), "heldout_kl": kl / n}
+
+    def _eval_record(self, label: str) -> None:
+        t0 = time.time()
+        self.student.eval()
+        rec = {"eval": label, "step": self.state["global_step"], "tokens": self.state["tokens"],
+               "block_tokens": self.state["block_tokens"], "phase": self.state["phase"],
+               "elapsed_s": round(self.elapsed(), 1)}
+        rec.update(self.evaluate(self.student))
+        if self.extra_eval is not None:
+            rec.update(self.extra_eval(self.student))
+            self.student.eval()
+        self.state["history"].append(rec)
+        self.log(f"[eval] {label}: step {rec['step']} tokens {rec['tokens']:,} held-out ppl {rec['heldout_ppl']:.3f} "
+                 f"KL {rec['heldout_kl']:.4f}" + "".join(f" {k} {v:.3f}" for k, v in rec.items()
+                                                     if k.startswith("x_") and isinstance(v, float)))
+        self._eval_s += time.time() - t0
+
+    # ----- the run ------------------------------------------------------------------
+    def run(self) -> Dict[str, Any]:
+        cfg, st = self.cfg, self.state
+        self.teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        if st["finished"]:
+            self.log(f"{self.out}: run already finished")
+            return self.summary()
+        if self.cfg.max_minutes is not None and self.elapsed() >= self.cfg.max_minutes * 60:
+            self.log(f"{self.out}: time budget of {self.cfg.max_minutes:g} min already spent (raise --max-minutes to go on)")
+            self.stop_reason = "time budget reached"
+            return self.summary()
+        phases = cfg.phase_sparsities()
+        if not st["history"]:
+            t0 = time.time()
+            t = self.evaluate(self.teacher)
+            rec = {"eval": "teacher", "step": 0, "tokens": 0, "block_tokens": 0, "phase": 0,
+                   "heldout_ppl": t["heldout_ppl"], "heldout_kl": 0.0, "elapsed_s": 0.0}
+            if self.extra_eval is not None:
+                rec.update(self.extra_eval(self.teacher))
+            st["history"].append(rec)
+            self.log(f"[eval] teacher held-out ppl {t['heldout_ppl']:.3f}")
+            self._eval_s += time.time() - t0
+        with self.stop_flag:
+            while st["phase"] < len(phases) and not self._should_stop():
+                ph = st["phase"]
+                if st["stage"] == "prune":
+                    self._prune_stage(phases[ph])
+                if st["stage"] == "block":
+                    if not self._block_stage():
+                        break
+                if st["stage"] == "kd":
+                    if not self._kd_stage(ph, len(phases)):
+                        break
+                    self._eval_record(f"end of phase {ph}")
+                    st["phase"] += 1
+                    st["stage"], st["block"], st["phase_step"], st["optimizer"] = "prune", 0, 0, None
+            if st["phase"] >= len(phases):
+                st["finished"] = True
+        if self.stop_reason:
+            self.log(f"stopped: {self.stop_reason} (resume with --resume)")
+            self._eval_record(f"stop ({self.stop_reason})")
+        self.save(final=True)
+        return self.summary()
+
+    def _prune_stage(self, sparsity: Optional[float]) -> None:
+        st = self.state
+        if sparsity is not None:
+            calib = self._block_ids()
+            self.masks = self.reprune(self.student, sparsity, self.cfg.prune_method, calib, self.masks)
+            self.log(f"phase {st['phase']}: pruned to {mask_sparsity(self.masks):.4f} ({self.cfg.prune_method})")
+        apply_masks_(self.student, self.masks)
+        st["stage"] = "block" if self.cfg.block_epochs > 0 else "kd"
+        self._eval_record(f"phase {st['phase']} start")
+
+    def _block_ids(self) -> torch.Tensor:
+        n = self.windows.train.shape[0]
+        g = torch.Generator().manual_seed(self.cfg.seed * 7919 + 17 + self.state["phase"])
+        return self.windows.train[torch.randperm(n, generator=g)[: min(n, self.cfg.block_windows)]]
+
+    def _block_stage(self) -> bool:
+        st, cfg = self.state, self.cfg
+        ids = self._block_ids()
+
+        def done(i, rec):
+            rec = dict(rec, phase=st["phase"], elapsed_s=round(self.elapsed(), 1))
+            st["history"].append(rec)
+            st["block"] = i + 1
+            st["block_tokens"] += rec["tokens"]
+            self._maybe_save()
+
+        self.student.eval()
+        nxt = reconstruct_blocks(self.teacher, self.student, masks_to(self.masks, self.device), ids, cfg.block_epochs,
+                                 cfg.block_batch, cfg.block_lr, cfg.seed + 101 * st["phase"], start_block=st["block"],
+                                 bf16=cfg.bf16, should_stop=self._should_stop, on_block_done=done,
+                                 progress=self.progress)
+        if nxt < len(self.student.layers):
+            st["block"] = nxt
+            return False
+        st["stage"], st["block"] = "kd", 0
+        self._eval_record(f"phase {st['phase']} after block reconstruction")
+        return True
+
+    def _trainable(self) -> List[torch.nn.Parameter]:
+        params, seen = [], set()
+        frozen = set() if self.cfg.train_embeddings else {id(self.student.embed.weight), id(self.student.lm_head.weight)}
+        for p in self.student.parameters():
+            if id(p) in seen or id(p) in frozen:
+                continue
+            seen.add(id(p))
+            params.append(p)
+        return params
+
+    def _kd_stage(self, ph: int, n_phases: int) -> bool:
+        cfg, st = self.cfg, self.state
+        student, teacher = self.student, self.teacher
+        params = self._trainable()
+        for p in student.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if st["optimizer"] is not None:
+            opt.load_state_dict(st["optimizer"])
+        masks = masks_to(self.masks, self.device)
+        horizons = self._phase_horizons(n_phases)
+        if horizons is not None:
+            st["horizons"][str(ph)] = horizons[ph]
+        horizon = st["horizons"].get(str(ph))
+        amp = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+        cap_t = HiddenCapture(teacher) if cfg.hidden_weight > 0 else None
+        cap_s = HiddenCapture(student) if cfg.hidden_weight > 0 else None
+        tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=horizon, initial=st["phase_step"], desc=f"distillation phase {ph}", unit="step",
+                       dynamic_ncols=True)
+        t_steps: List[float] = []
+        completed = True
+        student.train()
+        try:
+            while horizon is None or st["phase_step"] < horizon:
+                if self._should_stop():
+                    completed = False
+                    break
+                if cfg.stop_after is not None and st["global_step"] >= cfg.stop_after:
+                    self.stop_reason = f"paused after {st['global_step']} steps (--stop-after)"
+                    completed = False
+                    break
+                t0 = time.time()
+                lr = lr_at(st["phase_step"], cfg.lr, cfg.warmup_steps, horizon, cfg.min_lr_ratio)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                opt.zero_grad(set_to_none=True)
+                parts = {"kd": 0.0, "hidden": 0.0, "ce": 0.0, "loss": 0.0}
+                for _ in range(cfg.grad_accum):
+                    ids = self.windows.batch(st["micro_step"], cfg.batch_size, cfg.seed).to(self.device)
+                    st["micro_step"] += 1
+                    with torch.no_grad(), amp:
+                        t_logits = teacher(ids)
+                    t_hidden = cap_t.pop() if cap_t else None
+                    with amp:
+                        s_logits = student(ids)
+                    s_hidden = cap_s.pop() if cap_s else None
+                    loss = torch.zeros((), device=self.device)
+                    if cfg.kd_weight:
+                        kd = kd_loss(s_logits, t_logits, cfg.temperature)
+                        loss = loss + cfg.kd_weight * kd
+                        parts["kd"] += kd.item() / cfg.grad_accum
+                    if cfg.hidden_weight:
+                        hl = hidden_loss(s_hidden, t_hidden)
+                        loss = loss + cfg.hidden_weight * hl
+                        parts["hidden"] += hl.item() / cfg.grad_accum
+                    if cfg.ce_weight:
+                        ce = next_token_nll(s_logits, ids)
+                        loss = loss + cfg.ce_weight * ce
+                        parts["ce"] += ce.item() / cfg.grad_accum
+                    parts["loss"] += loss.item() / cfg.grad_accum
+                    (loss / cfg.grad_accum).backward()
+                    del t_logits, s_logits, loss
+                mask_gradients_(student, masks)
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                apply_masks_(student, masks)
+                st["phase_step"] += 1
+                st["global_step"] += 1
+                st["tokens"] += tokens_per_step
+                st["optimizer"] = opt.state_dict()
+                dt = time.time() - t0
+                t_steps.append(dt)
+                rec = {"step": st["global_step"], "phase": ph, "tokens": st["tokens"], "lr": lr,
+                       "elapsed_s": round(self.elapsed(), 2), "step_s": round(dt, 3)}
+                rec.update({k: round(v, 6) for k, v in parts.items()})
+                st["history"].append(rec)
+                if horizon is None and len(t_steps) >= 3:
+                    horizon = self._estimate_horizon(t_steps, ph, n_phases)
+                    st["horizons"][str(ph)] = horizon
+                    if bar is not None:
+                        bar.total = horizon
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{parts['loss']:.4f}", tok_s=f"{tokens_per_step / max(dt, 1e-9):.0f}",
+                                    lr=f"{lr:.2e}")
+                if cfg.eval_every and st["global_step"] % cfg.eval_every == 0:
+                    self._eval_record(f"step {st['global_step']}")
+                    student.train()
+                self._maybe_save()
+        finally:
+            if bar is not None:
+                bar.close()
+            for cap in (cap_t, cap_s):
+                if cap:
+                    cap.remove()
+            student.eval()
+            for p in params:
+                p.requires_grad_(False)
+                p.grad = None
+        return completed
+
+    def _estimate_horizon(self, t_steps: List[float], ph: int, n_phases: int) -> int:
+        """Steps this phase can take in its share of the remaining time (``--max-minutes`` only)."""
+        per_step = sorted(t_steps[1:])[len(t_steps[1:]) // 2]  # median, skipping the first (warm-up) step
+        remaining = self.cfg.max_minutes * 60 - self.elapsed()
+        share = remaining / (n_phases - ph)  # evaluation time is not charged to the budget
+        steps = int(share / per_step)
+        horizon = self.state["phase_step"] + max(1, steps)
+        self.log(f"phase {ph}: {per_step:.2f} s/step measured -> schedule horizon {horizon} steps "
+                 f"(~{horizon * self.cfg.batch_size * self.cfg.grad_accum * self.cfg.seq_len:,} tokens)")
+        return horizon
+
+    def summary(self) -> Dict[str, Any]:
+        st = self.state
+        evals = [h for h in st["history"] if "eval" in h]
+        first = next((h for h in evals if h["eval"] != "teacher"), None)
+        teacher = next((h for h in evals if h["eval"] == "teacher"), None)
+        return {
+            "out": str(self.out), "finished": st["finished"], "stop_reason": self.stop_reason,
+            "steps": st["global_step"], "tokens": st["tokens"], "block_tokens": st["block_tokens"],
+            "elapsed_s": round(self.elapsed(), 1), "sparsity": mask_sparsity(self.masks) if self.masks else None,
+            "teacher_heldout_ppl": teacher["heldout_ppl"] if teacher else None,
+            "start_heldout_ppl": first["heldout_ppl"] if first else None,
+            "final_heldout_ppl": evals[-1]["heldout_ppl"] if evals else None,
+            "source": self.windows.source,
+        }
+
+
+def reconstruct_blocks(*args, **kwargs):
+    from .blockwise import reconstruct_blocks_
+
+    return reconstruct_blocks_(*args, **kwargs)

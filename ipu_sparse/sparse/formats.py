@@ -255,12 +255,14 @@ def _pack_bits(nz: torch.Tensor) -> torch.Tensor:
     return (padded.view(rows, nbytes, 8).to(torch.int32) * weights).sum(-1).to(torch.uint8)
 
 
+_BYTE_BITS = ((torch.arange(256).unsqueeze(-1) >> torch.arange(8)) & 1).bool()  # (256, 8): bit j of each byte
+
+
 def _unpack_bits(mask: torch.Tensor, cols: int) -> torch.Tensor:
-    """uint8 (rows, nbytes) -> bool (rows, cols)."""
+    """uint8 (rows, nbytes) -> bool (rows, cols); one table lookup per byte."""
     rows, nbytes = mask.shape
-    shifts = torch.arange(8, dtype=torch.int32, device=mask.device)
-    bits = (mask.to(torch.int32).unsqueeze(-1) >> shifts) & 1  # (rows, nbytes, 8)
-    return bits.reshape(rows, nbytes * 8)[:, :cols].bool()
+    bits = _BYTE_BITS.to(mask.device)[mask.long()]  # (rows, nbytes, 8)
+    return bits.reshape(rows, nbytes * 8)[:, :cols]
 
 
 class Bitmap(SparseMatrix):
@@ -285,8 +287,8 @@ class Bitmap(SparseMatrix):
 
     def to_dense(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         out = torch.zeros(self.shape, dtype=dtype or self.dtype, device=self.values.device)
-        out[self.dense_mask()] = self.values.to(out.dtype)
-        return out
+        # values are stored in row-major order of the set bits, which is masked_scatter_'s order
+        return out.masked_scatter_(self.dense_mask(), self.values.to(out.dtype))
 
     def validate(self, where: str = "matrix") -> "Bitmap":
         self._check_common(where)

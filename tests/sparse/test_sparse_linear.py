@@ -150,3 +150,16 @@ def test_densify_inverts_sparsify(tiny_llama):
     densify_(tiny_llama)
     assert all(type(m) is torch.nn.Linear for _, m in tiny_llama.linear_layers())
     torch.testing.assert_close(tiny_llama(idx), ref)
+
+
+@pytest.mark.parametrize("fmt", ["bitmap", "csr16"])
+def test_many_rows_take_the_expanded_dense_path_and_agree(fmt):
+    torch.manual_seed(0)
+    lin = nn.Linear(40, 24)
+    with torch.no_grad():
+        lin.weight[torch.rand_like(lin.weight) < 0.7] = 0
+    sl = SparseLinear.from_linear(lin, fmt, torch.float32)
+    x = torch.randn(SparseLinear.dense_rows_threshold + 3, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(sl(x), lin(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sl(x[:5]), lin(x[:5]), rtol=1e-5, atol=1e-5)

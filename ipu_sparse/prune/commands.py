@@ -1,0 +1,115 @@
+"""``ipu-sparse prune``: one-shot pruning to a checkpoint, with a per-layer sparsity table."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+REPORT_FILE = "pruning_report.json"
+
+
+def register(sub) -> None:
+    from ..commands import add_model_args
+
+    p = sub.add_parser("prune", help="prune every decoder Linear (magnitude, Wanda, SparseGPT; N:M; OWL)",
+                       description="One-shot pruning with a sequential calibration pass; writes a checkpoint "
+                                   "(pruned weights as exact zeros, or a sparse format) and a per-layer sparsity table.")
+    add_model_args(p)
+    p.add_argument("--method", default="sparsegpt", help="magnitude | magnitude-row | wanda | sparsegpt (default sparsegpt)")
+    p.add_argument("--sparsity", type=float, default=None, help="fraction of decoder-Linear weights to remove, in [0, 1)")
+    p.add_argument("--nm", default=None, metavar="N:M", help="semi-structured: keep N of every M inputs (2:4, 4:8)")
+    p.add_argument("--owl", action="store_true", help="OWL outlier-weighted per-layer ratios (same average sparsity)")
+    p.add_argument("--owl-lambda", type=float, default=0.08, help="OWL ratio spread lambda (default 0.08)")
+    p.add_argument("--owl-m", type=float, default=5.0, help="OWL outlier threshold M x mean (default 5)")
+    p.add_argument("--owl-nsamples", type=int, default=32, help="calibration windows for the OWL ratio pass (default 32)")
+    p.add_argument("--calib", default=None, metavar="PATH", help="calibration text (default ../shared/data/wikitext-2/wiki.valid.tokens)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seq-len", type=int, default=512, help="calibration window length (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (default 0)")
+    p.add_argument("--sequential", default="group", choices=("group", "layer"),
+                   help="group: prune q/k/v, o, gate/up, down in turn, each from inputs of the pruned ones (default); "
+                        "layer: all statistics from the dense layer, as the reference drivers")
+    p.add_argument("--batch-size", type=int, default=None, help="calibration windows per forward chunk (default all at once)")
+    p.add_argument("--blocksize", type=int, default=128, help="SparseGPT column block (default 128)")
+    p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT damping, fraction of mean diag(H) (default 0.01)")
+    p.add_argument("--refit-iters", type=int, default=0, help="masked least-squares refit steps after masking (default 0 = off)")
+    p.add_argument("--dense-target", action="store_true", help="SparseGPT: fit each layer to the dense model's outputs")
+    p.add_argument("--format", default="dense",
+                   help="checkpoint format: dense (default, exact zeros) or a sparse format of ipu_sparse.sparse (bitmap, csr16)")
+    p.add_argument("--sparse-dtype", default=None, help="value dtype of a sparse --format (default: that format's default)")
+    p.add_argument("--out", required=True, help="output checkpoint directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_prune)
+
+
+def _save(model, tokenizer, out, fmt: str, meta: dict, overwrite: bool, sparse_dtype=None) -> None:
+    from ..checkpoint import save_dense_checkpoint
+    from ..errors import UserError
+
+    if fmt == "dense":
+        save_dense_checkpoint(model, tokenizer, out, extra_meta=meta, overwrite=overwrite)
+        return
+    try:
+        from ..sparse.checkpoint import save_sparse_checkpoint
+    except ImportError:
+        raise UserError(f"--format {fmt}: sparse checkpoints are not available in this version (use --format dense)") from None
+    kw = {"dtype": sparse_dtype} if sparse_dtype else {}
+    save_sparse_checkpoint(model, tokenizer, out, format=fmt, extra_meta=meta, overwrite=overwrite, **kw)
+
+
+def cmd_prune(args) -> int:
+    import os
+    from pathlib import Path
+
+    from ..errors import UserError
+    from .api import METHODS
+    from .common import check_sparsity, format_report, parse_nm
+
+    # Validate everything a user can get wrong before the model is loaded or anything is written.
+    if args.method not in METHODS:
+        raise UserError(f"unknown pruning method {args.method!r} (choose from {', '.join(METHODS)})")
+    if args.nm is not None:
+        parse_nm(args.nm)
+    elif args.sparsity is None:
+        raise UserError("give --sparsity S (0 <= S < 1) or --nm N:M")
+    if args.sparsity is not None:
+        check_sparsity(args.sparsity)
+    if args.calib is not None and not Path(args.calib).is_file():
+        raise UserError(f"{args.calib}: calibration file not found")
+    if args.nsamples < 1 or args.seq_len < 2:
+        raise UserError(f"--nsamples {args.nsamples} / --seq-len {args.seq_len}: need >= 1 and >= 2")
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise UserError(f"{out}: already exists (pass --overwrite to replace it)")
+    if args.format != "dense":
+        try:
+            import ipu_sparse.sparse.checkpoint  # noqa: F401
+            from ipu_sparse.sparse.formats import FORMATS
+        except ImportError:
+            raise UserError(f"--format {args.format}: sparse checkpoints are not available in this version (use --format dense)") from None
+        if args.format not in FORMATS:
+            raise UserError(f"--format {args.format}: unknown checkpoint format (dense, {', '.join(sorted(FORMATS))})")
+
+    from ..commands import load_for_cli
+    from .api import prune_
+
+    lm = load_for_cli(args)
+    summary = prune_(lm.model, method=args.method, sparsity=args.sparsity, nm=args.nm, owl=args.owl,
+                     calib=args.calib, tokenizer=lm.tokenizer, nsamples=args.nsamples, seq_len=args.seq_len,
+                     seed=args.seed, batch_size=args.batch_size, sequential=args.sequential, blocksize=args.blocksize,
+                     percdamp=args.percdamp, refit_iters=args.refit_iters, dense_target=args.dense_target,
+                     owl_lambda=args.owl_lambda, owl_m=args.owl_m, owl_nsamples=args.owl_nsamples)
+    report = summary["report"]
+    print(format_report(report))
+    print(f"pruned with {args.method} in {summary['time_s']:.1f} s (measured)")
+    settings = {k: v for k, v in summary.items() if k != "report"}
+    settings.update(model=args.model, calib=args.calib or "wikitext-2/wiki.valid.tokens (default)")
+    meta = {"pruning": dict(settings, per_layer_sparsity={k: v["sparsity"] for k, v in report["per_layer"].items()},
+                            linear_sparsity=report["linear"]["sparsity"],
+                            all_params_sparsity=report["all_params"]["sparsity"])}
+    _save(lm.model, lm.tokenizer, out, args.format, meta, args.overwrite, args.sparse_dtype)
+    tmp = out / f".{REPORT_FILE}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps({"settings": settings, "report": report}, indent=1))
+    os.replace(tmp, out / REPORT_FILE)
+    print(f"wrote {out} ({args.format}) and {out / REPORT_FILE}", file=sys.stderr)
+    return 0

@@ -23,6 +23,7 @@ $CLI inspect "$CKPT"
 
 step "3. the sparse model answers (compiled sparse kernel)"
 $CLI generate --model "$CKPT" --chat --stats --max-new-tokens 48 --prompt "$Q"
+echo "(one-shot pruning without recovery costs a 135M model facts like this one; ipu-sparse recover retrains it: docs/recovery.md)"
 
 step "4. WikiText-2 perplexity, dense vs sparse (L=512, first 4 windows: a quick check)"
 $CLI eval --model smollm2-135m --wikitext2 --max-windows 4

@@ -57,6 +57,25 @@ def atomic_directory(out, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
+def atomic_write_text(path, text: str, overwrite: bool = True) -> Path:
+    """Write ``text`` to ``path`` through a temporary file in the same directory and a rename,
+    so readers never see a partial file; refuse an existing ``path`` unless ``overwrite``."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise UserError(f"{path}: already exists (pass --overwrite to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
 def save_dense_checkpoint(model, tokenizer, out, extra_meta: Optional[Dict[str, Any]] = None,
                           overwrite: bool = False) -> Path:
     """Save ``model`` as a dense checkpoint (pruned weights stay as exact zeros)."""

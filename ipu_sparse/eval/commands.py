@@ -1,7 +1,6 @@
 """``ipu-sparse eval``: perplexity (WikiText-2, any text file) and zero-shot tasks."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -27,22 +26,9 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_eval)
 
 
-def _atomic_write(path, text: str, overwrite: bool) -> None:
-    import os
-    from pathlib import Path
-
-    from ..errors import UserError
-
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise UserError(f"{path}: already exists (pass --overwrite to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def cmd_eval(args) -> int:
+    from ..checkpoint import atomic_write_text
+
     from ..commands import load_for_cli
     from ..errors import UserError
     from .zeroshot import TASKS
@@ -92,6 +78,6 @@ def cmd_eval(args) -> int:
             extra = f" acc_norm {r['acc_norm']:.4f}" if "acc_norm" in r else ""
             print(f"{t:<11} acc {r['acc']:.4f}{extra}  (n={r['n']}, limit={args.limit}, {r['seconds']:.1f} s)")
     if args.json:
-        _atomic_write(args.json, json.dumps(results, indent=1), args.overwrite)
+        atomic_write_text(args.json, json.dumps(results, indent=1), args.overwrite)
         print(f"wrote {args.json}", file=sys.stderr)
     return 0

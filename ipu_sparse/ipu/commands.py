@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from ..errors import UserError
@@ -63,14 +61,9 @@ def plan_config_from_args(args, cfg):
 
 
 def write_json(path, data, overwrite: bool) -> None:
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise UserError(f"{path} exists (use --overwrite)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, default=str)
-    os.replace(tmp, path)
+    from ..checkpoint import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=1, default=str), overwrite)
 
 
 def register(sub) -> None:

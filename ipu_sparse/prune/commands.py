@@ -1,7 +1,6 @@
 """``ipu-sparse prune``: one-shot pruning to a checkpoint, with a per-layer sparsity table."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -58,9 +57,9 @@ def _save(model, tokenizer, out, fmt: str, meta: dict, overwrite: bool, sparse_d
 
 
 def cmd_prune(args) -> int:
-    import os
     from pathlib import Path
 
+    from ..checkpoint import atomic_write_text
     from ..errors import UserError
     from .api import METHODS
     from .common import check_sparsity, format_report, parse_nm
@@ -108,8 +107,6 @@ def cmd_prune(args) -> int:
                             linear_sparsity=report["linear"]["sparsity"],
                             all_params_sparsity=report["all_params"]["sparsity"])}
     _save(lm.model, lm.tokenizer, out, args.format, meta, args.overwrite, args.sparse_dtype)
-    tmp = out / f".{REPORT_FILE}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps({"settings": settings, "report": report}, indent=1))
-    os.replace(tmp, out / REPORT_FILE)
+    atomic_write_text(out / REPORT_FILE, json.dumps({"settings": settings, "report": report}, indent=1))
     print(f"wrote {out} ({args.format}) and {out / REPORT_FILE}", file=sys.stderr)
     return 0

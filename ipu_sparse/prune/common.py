@@ -7,7 +7,7 @@ by position (stable sort), so a mask is a deterministic function of its inputs.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn

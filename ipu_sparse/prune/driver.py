@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import sys
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn

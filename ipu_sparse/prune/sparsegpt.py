@@ -25,7 +25,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .common import InputStats, split_proportional
+from .common import split_proportional
 from .magnitude import PruneSolver
 
 

@@ -134,7 +134,6 @@ def cmd_inspect(args) -> int:
 
 def cmd_account(args) -> int:
     import json
-    import os
     from pathlib import Path
 
     from ..config import PRESETS, get_preset
@@ -176,10 +175,8 @@ def cmd_account(args) -> int:
     result = account(cfg, rows, context=args.context, head_dtype=head_dtype, tied_in_source=tied)
     print(format_table(result, per_layer=args.layers))
     if args.json:
-        out = Path(args.json)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, out)
+        from ..checkpoint import atomic_write_text
+
+        out = atomic_write_text(args.json, json.dumps(result, indent=1))
         print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -52,6 +52,10 @@ ROWS = [
     ("improved-60", dict(IMPROVED, sparsity=0.6)),
     ("improved-70", dict(IMPROVED, sparsity=0.7)),
     ("sparsegpt-layerseq-50", dict(method="sparsegpt", sparsity=0.5, sequential="layer")),
+    ("wanda-layerseq-80", dict(method="wanda", sparsity=0.8, sequential="layer")),
+    ("wanda-layerseq-50", dict(method="wanda", sparsity=0.5, sequential="layer")),
+    ("wanda-80-seed1", dict(method="wanda", sparsity=0.8, seed=1)),  # calibration-sampling sensitivity
+    ("sparsegpt-80-seed1", dict(method="sparsegpt", sparsity=0.8, seed=1)),
 ]
 REFERENCE = {"dense": 29.19, "magnitude-50": 483.2, "magnitude-80": 1.34e6, "wanda-50": 61.46, "wanda-80": 17197,
              "sparsegpt-50": 50.73, "sparsegpt-80": 740.5}
@@ -71,7 +75,9 @@ def run_row(name, kw, args):
     if kw is not None:
         load0 = os.getloadavg()[0]
         t0, c0 = time.time(), time.process_time()
-        out = prune_(lm.model, tokenizer=lm.tokenizer, nsamples=args.nsamples, seq_len=args.seq_len, seed=0,
+        kw = dict(kw)
+        seed = kw.pop("seed", 0)
+        out = prune_(lm.model, tokenizer=lm.tokenizer, nsamples=args.nsamples, seq_len=args.seq_len, seed=seed,
                      cache_dir=args.cache, progress=True, **kw)
         row["prune_wall_s"] = time.time() - t0
         row["prune_cpu_s"] = time.process_time() - c0
@@ -80,6 +86,13 @@ def run_row(name, kw, args):
         row["linear_sparsity"] = rep["linear"]["sparsity"]
         row["all_params_sparsity"] = rep["all_params"]["sparsity"]
         row["per_layer_sparsity"] = [v["sparsity"] for v in rep["per_layer"].values()]
+        if name in args.save_rows:
+            from ipu_sparse.checkpoint import save_dense_checkpoint
+
+            ckpt = Path(args.cache) / "pruned" / name
+            save_dense_checkpoint(lm.model, lm.tokenizer, ckpt, overwrite=True,
+                                  extra_meta={"pruning": {k: v for k, v in out.items() if k != "report"}})
+            row["checkpoint"] = str(ckpt)
     ppl = wikitext2_ppl(lm.model, lm.tokenizer, seq_len=512, max_windows=args.windows, batch_size=4)
     row["wikitext2_ppl"] = ppl.ppl
     row["ppl_windows"], row["ppl_seq_len"] = ppl.windows, ppl.seq_len
@@ -126,8 +139,12 @@ def plot(results, path):
         pts = sorted((r["settings"]["sparsity"], r["wikitext2_ppl"]) for n, r in results.items()
                      if r.get("settings") and n.startswith(method + "-") and n[len(method) + 1:].isdigit())
         if pts:
-            ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], style, label=method if method != "improved"
-                    else "SparseGPT+OWL+dense target+refit")
+            line, = ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], style, label=method if method != "improved"
+                            else "SparseGPT+OWL+dense target+refit")
+            nm = results.get(method + "-2:4")
+            if nm:  # semi-structured 2:4 (50%): a hollow marker of the same colour
+                ax.plot([50], [nm["wikitext2_ppl"]], style[0], mfc="none", ms=10, color=line.get_color(),
+                        label=f"{method} 2:4")
     if dense:
         ax.axhline(dense, color="gray", ls="--", label=f"dense {dense:.2f}")
     ax.set_yscale("log")
@@ -165,6 +182,8 @@ def main():
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/ipu_sparse"))
     ap.add_argument("--no-lock", dest="lock", action="store_false",
                     help="do not take the shared heavy-run lock (recorded in the row)")
+    ap.add_argument("--save", default="", help="comma list of rows whose pruned model is saved under "
+                    "CACHE/pruned/ROW (a dense checkpoint with exact zeros, for recovery)")
     ap.add_argument("--report-only", action="store_true", help="only rebuild the table and plot from the JSON")
     args = ap.parse_args()
     out_json = Path(args.out)
@@ -176,6 +195,7 @@ def main():
     if unknown:
         sys.exit(f"unknown rows: {unknown}; known: {names}")
     redo = set(filter(None, args.redo.split(",")))
+    args.save_rows = set(filter(None, args.save.split(",")))
     if not args.report_only:
         rows = dict(ROWS)
         for name, kw in [(n, rows[n]) for n in only]:  # --only order, else priority order
@@ -188,7 +208,8 @@ def main():
                     continue  # finished by another run while this one waited
                 print(f"== {name}", file=sys.stderr, flush=True)
                 results[name] = run_row(name, kw, args)
-                results[name]["heavy_lock"] = bool(args.lock)
+                # IPU_SPARSE_LOCK_HELD=1: a wrapper holds the lock for a whole chain of runs
+                results[name]["heavy_lock"] = bool(args.lock or os.environ.get("IPU_SPARSE_LOCK_HELD"))
             with open(f"/tmp/{out_json.name}.lock", "w") as jl:  # concurrent runs merge their rows
                 fcntl.flock(jl, fcntl.LOCK_EX)
                 save(results, out_json, name)

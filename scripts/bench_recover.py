@@ -31,6 +31,10 @@ QUESTIONS = (
 )
 
 
+# chance accuracy of each zero-shot task (LAMBADA: open vocabulary, ~0)
+CHANCE = {"lambada": 0.0, "hellaswag": 0.25, "piqa": 0.5, "arc_easy": 0.25, "winogrande": 0.5}
+
+
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -50,6 +54,11 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--method", default="sparsegpt", help="one-shot pruning method of the student")
     ap.add_argument("--sparsity", type=float, default=0.8)
+    ap.add_argument("--student", default=None,
+                    help="an existing pruned checkpoint to recover (instead of pruning with --method here)")
+    ap.add_argument("--student-label", default=None, help="row name of --student (default: from its metadata)")
+    ap.add_argument("--snapshots", default="", help="e.g. 15,30: also evaluate the longest run's student as it "
+                    "was after these training minutes (rows marked as snapshots of that run)")
     ap.add_argument("--budgets", default="15,30,60", help="recovery budgets in minutes (comma-separated)")
     ap.add_argument("--gradual", default="", help="e.g. 0.5,0.65: also run gradual pruning + recovery")
     ap.add_argument("--gradual-minutes", type=float, default=60.0)
@@ -96,6 +105,9 @@ def main() -> int:
     results = load_json(res_path)
     results.setdefault("rows", {})
     if args.report_only:
+        if args.curve_windows and f"wt2_ppl_{args.curve_windows}w" not in results["rows"].get("dense", {}):
+            results["rows"].setdefault("dense", {})[f"wt2_ppl_{args.curve_windows}w"] = dense_curve_ppl(args)
+            save_json(res_path, results)
         write_outputs(results, tag, args)
         return 0
     results["settings"] = vars(args)
@@ -135,11 +147,13 @@ def main() -> int:
         return out
 
     evaluate(teacher, "dense")
+    if args.curve_windows and f"wt2_ppl_{args.curve_windows}w" not in results["rows"]["dense"]:
+        results["rows"]["dense"][f"wt2_ppl_{args.curve_windows}w"] = wt_ppl(teacher, args.curve_windows)
     if "chat" not in results["rows"]["dense"]:
         results["rows"]["dense"]["chat"] = chat(teacher)
 
-    # one-shot pruned student (cached checkpoint)
-    pruned_dir = work / f"pruned-{args.method}-{args.sparsity}"
+    # one-shot pruned student (cached checkpoint, or --student)
+    pruned_dir = Path(args.student) if args.student else work / f"pruned-{args.method}-{args.sparsity}"
     if not pruned_dir.is_dir():
         from ipu_sparse.prune.api import prune_
 
@@ -149,7 +163,7 @@ def main() -> int:
         log(f"pruned with {args.method} to {args.sparsity} in {time.time() - t0:.0f} s")
         save_dense_checkpoint(student.model, tok, pruned_dir,
                               extra_meta={"pruning": {k: v for k, v in info.items() if k != "report"}})
-    oneshot = f"one-shot {args.method} {args.sparsity:.0%}"
+    oneshot = args.student_label or f"one-shot {args.method} {args.sparsity:.0%}"
     student_l = load_model(str(pruned_dir), device=args.device)
     evaluate(student_l.model, oneshot)
 
@@ -162,14 +176,17 @@ def main() -> int:
     def extra_eval(model):
         return {"x_wt2_ppl": wt_ppl(model, args.curve_windows)} if args.curve_windows else {}
 
-    def recover(name, run_dir, minutes, masks, student_model, gradual=()):
+    snapshots = tuple(float(m) for m in args.snapshots.split(",") if m.strip())
+
+    def recover(name, run_dir, minutes, masks, student_model, gradual=(), snap=()):
         cfg = RecoverConfig(seq_len=512, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                             temperature=args.temperature, hidden_weight=args.hidden_weight,
                             block_epochs=args.block_epochs, block_windows=args.block_windows,
                             block_batch=args.block_batch, block_lr=args.block_lr, bf16=args.bf16,
                             gradual=tuple(gradual), target_sparsity=args.sparsity if gradual else None,
                             prune_method=args.method, max_minutes=minutes, eval_every=args.eval_every,
-                            heldout_windows=args.heldout_windows, save_every_minutes=5)
+                            heldout_windows=args.heldout_windows, save_every_minutes=5,
+                            snapshot_minutes=tuple(m for m in snap if m < minutes))
         resume = (run_dir / "train_state.pt").is_file()
         run = Recovery(teacher, student_model, tok, windows, cfg, run_dir, masks=masks, resume=resume,
                        progress=True, student_source=name, extra_eval=extra_eval)
@@ -190,13 +207,25 @@ def main() -> int:
         if "chat" not in row:
             row["chat"] = chat(run.student)
         save_json(res_path, results)
+        for m, info in sorted(run.state.get("snapshots", {}).items(), key=lambda kv: float(kv[0])):
+            sname = f"{name} (snapshot at {float(m):g} min)"
+            srow = results["rows"].setdefault(sname, {})
+            srow.update({"tokens": info["tokens"], "block_tokens": info["block_tokens"],
+                         "train_minutes": round(info["elapsed_s"] / 60, 2), "source": source,
+                         "recover_config": row["recover_config"], "snapshot_of": name})
+            snap_model = load_model(str(run.snapshot_dir(float(m))), device=args.device).model
+            evaluate(snap_model, sname)
+            if "chat" not in srow:
+                srow["chat"] = chat(snap_model)
+            save_json(res_path, results)
 
-    for minutes in [float(b) for b in args.budgets.split(",") if b.strip()]:
+    budgets = [float(b) for b in args.budgets.split(",") if b.strip()]
+    for minutes in budgets:
         student_l = load_model(str(pruned_dir), device=args.device)
         masks = masks_of_loaded(student_l)
         v = f" [{args.variant}]" if args.variant else ""
         recover(f"{oneshot} + recovery {minutes:g} min{v}", work / f"run-{tag}-{minutes:g}min{args.variant}",
-                minutes, masks, student_l.model)
+                minutes, masks, student_l.model, snap=snapshots if minutes == max(budgets) else ())
     if args.gradual:
         steps = [float(x) for x in args.gradual.split(",")]
         dense_student = load_model(args.model, device=args.device)
@@ -206,6 +235,36 @@ def main() -> int:
 
     write_outputs(results, tag, args)
     return 0
+
+
+def dense_curve_ppl(args) -> float:
+    """The dense model's perplexity on the curve's windows (the curve's 2x-dense line)."""
+    from ipu_sparse.eval.perplexity import wikitext2_ids, windows_ppl
+    from ipu_sparse.loading import load_model
+
+    lm = load_model(args.model)
+    return windows_ppl(lm.model, wikitext2_ids(lm.tokenizer), 512, args.curve_windows, 4, source="wikitext-2 test",
+                       progress=False).ppl
+
+
+def projection(curve, target: float):
+    """Power-law fit ppl = a * tokens^b over the end-to-end distillation points (tokens > 0) of a curve;
+    returns the fit and the tokens at which it reaches ``target`` (None if it does not decrease)."""
+    import math
+
+    pts = [(c["tokens"], c["wt2_ppl_curve"]) for c in curve
+           if c["tokens"] > 0 and c["wt2_ppl_curve"] is not None and c["label"] != "teacher"]
+    if len(pts) < 3:
+        return None
+    xs = [math.log(t) for t, _ in pts]
+    ys = [math.log(p) for _, p in pts]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / max(sum((x - mx) ** 2 for x in xs), 1e-12)
+    a = my - b * mx
+    out = {"points": len(pts), "exponent": b, "log_a": a, "last_tokens": pts[-1][0], "last_ppl": pts[-1][1],
+           "target": target}
+    out["tokens_to_target"] = math.exp((math.log(target) - a) / b) if b < 0 else None
+    return out
 
 
 def write_outputs(results: dict, tag: str, args) -> None:
@@ -224,13 +283,50 @@ def write_outputs(results: dict, tag: str, args) -> None:
         lines.append(f"| {name} | {ppl:.2f} | {'' if full is None else f'{full:.2f}'} | {block} | {kd} | "
                      f"{row.get('train_minutes', '')} | {row.get('source', '')} |" if ppl is not None
                      else f"| {name} | (not evaluated) ||||||")
+    dense_c = results.get("rows", {}).get("dense", {}).get(f"wt2_ppl_{args.curve_windows}w")
+    if dense_c:
+        proj_lines = []
+        for name, row in results["rows"].items():
+            if row.get("snapshot_of") or not row.get("curve"):
+                continue
+            pj = projection(row["curve"], 2 * dense_c)
+            if pj is None:
+                continue
+            row["projection"] = pj
+            # average over the run's training time, block phase included
+            tok_s = row["tokens"] / max(60 * row.get("train_minutes", 0), 1) if row.get("tokens") else None
+            need = pj["tokens_to_target"]
+            when = "does not decrease" if need is None else (
+                f"{need:,.0f} tokens" + (f" (~{need / tok_s / 3600:,.1f} h of 2-core training at this run's "
+                                         f"average {tok_s:.0f} tokens/s)" if tok_s else ""))
+            proj_lines.append(f"- *{name}*: ppl ~ tokens^{pj['exponent']:.3f} over {pj['points']} points "
+                              f"(last {pj['last_ppl']:.1f} at {pj['last_tokens']:,} tokens); 2x dense "
+                              f"({2 * dense_c:.1f} on these {args.curve_windows} windows) projected at {when}")
+        if proj_lines:
+            lines += ["", f"Projection (power law fitted to the end-to-end distillation curve, WikiText-2 first "
+                      f"{args.curve_windows} windows; dense {dense_c:.2f}):", ""] + proj_lines
     zs = [(n, r["zeroshot"]) for n, r in results["rows"].items() if "zeroshot" in r]
     if zs:
         tasks = list(zs[0][1])
-        lines += ["", "| model | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+        dense_z = results["rows"].get("dense", {}).get("zeroshot")
+
+        def score(z, t):
+            return z[t].get("acc_norm", z[t].get("acc"))
+
+        lines += ["", f"Zero-shot (first {zs[0][1][tasks[0]].get('n', '?')} items per task; acc_norm where defined, "
+                  "else acc; last column: mean over tasks of (acc - chance) / (dense acc - chance))", "",
+                  "| model | " + " | ".join(tasks) + " | margin above chance kept |",
+                  "|---|" + "---|" * (len(tasks) + 1)]
         for n, z in zs:
-            cells = [f"{z[t].get('acc_norm', z[t].get('acc')):.3f}" for t in tasks]
-            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+            cells = [f"{score(z, t):.3f}" for t in tasks]
+            kept = ""
+            if dense_z and all(t in dense_z for t in tasks):
+                fr = [(score(z, t) - CHANCE.get(t, 0.0)) / (score(dense_z, t) - CHANCE.get(t, 0.0)) for t in tasks
+                      if score(dense_z, t) > CHANCE.get(t, 0.0)]
+                kept = f"{100 * sum(fr) / len(fr):.0f}%" if fr else ""
+                z_row = results["rows"][n]
+                z_row["zeroshot_margin_kept"] = sum(fr) / len(fr) if fr else None
+            lines.append(f"| {n} | " + " | ".join(cells) + f" | {kept} |")
     chats = [(n, r["chat"]) for n, r in results["rows"].items() if "chat" in r]
     if chats:
         lines += ["", "Greedy answers (60 tokens max):", ""]
@@ -254,9 +350,10 @@ def write_outputs(results: dict, tag: str, args) -> None:
             if curve:
                 ax.plot([c["tokens"] + c["block_tokens"] for c in curve], [c["wt2_ppl_curve"] for c in curve], "o-",
                         label=name)
-        dense = results["rows"].get("dense", {}).get(f"wt2_ppl_{w}w")
+        cw = args.curve_windows
+        dense = results["rows"].get("dense", {}).get(f"wt2_ppl_{cw}w")
         if dense:
-            ax.axhline(dense, color="k", ls="--", label=f"dense ({w} windows)")
+            ax.axhline(dense, color="k", ls="--", label=f"dense ({cw} windows)")
             ax.axhline(2 * dense, color="gray", ls=":", label="2x dense (target)")
         ax.set_yscale("log")
         ax.set_xlabel("token passes: block reconstruction (calibration tokens x blocks), then end-to-end KD tokens")

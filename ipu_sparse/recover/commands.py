@@ -21,6 +21,18 @@ def _sparsities(text: str):
         raise UserError(f"--gradual: expected comma-separated sparsities like 0.5,0.65, got {text!r}") from None
 
 
+def _minutes(text: str):
+    import argparse
+
+    try:
+        vals = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        vals = ()
+    if not vals or any(v <= 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive minutes like 15,30, got {text!r}")
+    return vals
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "recover", help="retrain a pruned model with its mask fixed, distilling from the dense teacher",
@@ -74,6 +86,9 @@ def register(sub) -> None:
     g.add_argument("--stop-after", type=int, default=None, help="pause (save, resumable) after this many steps in total")
     g.add_argument("--eval-every", type=int, default=50, help="held-out evaluation every N steps")
     g.add_argument("--save-every-minutes", type=float, default=10.0)
+    g.add_argument("--snapshot-minutes", type=_minutes, default=(), metavar="M1,M2",
+                   help="also keep the student as it was after M1, M2, ... minutes of training "
+                        "(saved beside --out as OUT.snapshot-<M>min)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     g.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -94,7 +109,8 @@ def config_from_args(args):
         block_lr=args.block_lr, gradual=tuple(args.gradual), target_sparsity=args.sparsity,
         prune_method=args.prune_method, train_embeddings=args.train_embeddings, bf16=args.bf16, seed=args.seed,
         heldout_windows=args.heldout_windows, max_minutes=args.max_minutes, stop_after=args.stop_after,
-        eval_every=args.eval_every, save_every_minutes=args.save_every_minutes)
+        eval_every=args.eval_every, save_every_minutes=args.save_every_minutes,
+        snapshot_minutes=tuple(args.snapshot_minutes))
 
 
 def cmd_recover(args) -> int:

@@ -79,8 +79,9 @@ class RecoverConfig:
     stop_after: Optional[int] = None   # pause after this many end-to-end steps in total (saves; resumable)
     eval_every: int = 50
     save_every_minutes: float = 10.0
+    snapshot_minutes: Tuple[float, ...] = ()  # also keep the student as it was at these training minutes
 
-    RUNTIME_FIELDS = ("max_minutes", "stop_after", "eval_every", "save_every_minutes")
+    RUNTIME_FIELDS = ("max_minutes", "stop_after", "eval_every", "save_every_minutes", "snapshot_minutes")
 
     def validate(self) -> None:
         def positive(name, allow_zero=False):
@@ -317,9 +318,36 @@ class Recovery:
             return True
         return False
 
+    def _stop_or_snapshot(self) -> bool:
+        self._maybe_snapshot()
+        return self._should_stop()
+
     def _maybe_save(self) -> None:
+        self._maybe_snapshot()
         if time.time() - self._last_save >= self.cfg.save_every_minutes * 60:
             self.save()
+
+    def snapshot_dir(self, minutes: float) -> Path:
+        """Where the student as of ``minutes`` of training is kept (beside the run directory)."""
+        return self.out.parent / f"{self.out.name}.snapshot-{minutes:g}min"
+
+    def _maybe_snapshot(self) -> None:
+        """Save the student once training time passes each of ``snapshot_minutes`` (a dense checkpoint
+        with its mask, beside the run directory; the run's state records which were taken)."""
+        from ..checkpoint import save_dense_checkpoint
+
+        taken = self.state.setdefault("snapshots", {})
+        for m in self.cfg.snapshot_minutes:
+            if str(m) in taken or self.elapsed() < m * 60:
+                continue
+            st = self.state
+            info = {"minutes": m, "elapsed_s": round(self.elapsed(), 1), "steps": st["global_step"],
+                    "tokens": st["tokens"], "block_tokens": st["block_tokens"], "stage": st["stage"]}
+            meta = dict(self.extra_meta)
+            meta["recovery_snapshot"] = info
+            save_dense_checkpoint(self.student, self.tokenizer, self.snapshot_dir(m), extra_meta=meta, overwrite=True)
+            taken[str(m)] = info
+            self.log(f"snapshot at {m:g} min of training: {self.snapshot_dir(m)}")
 
     def _phase_horizons(self, n_phases: int) -> Optional[List[int]]:
         cfg = self.cfg
@@ -438,7 +466,7 @@ class Recovery:
         self.student.eval()
         nxt = reconstruct_blocks(self.teacher, self.student, masks_to(self.masks, self.device), ids, cfg.block_epochs,
                                  cfg.block_batch, cfg.block_lr, cfg.seed + 101 * st["phase"], start_block=st["block"],
-                                 bf16=cfg.bf16, should_stop=self._should_stop, on_block_done=done,
+                                 bf16=cfg.bf16, should_stop=self._stop_or_snapshot, on_block_done=done,
                                  progress=self.progress)
         if nxt < len(self.student.layers):
             st["block"] = nxt

@@ -75,3 +75,16 @@ def test_cli_bad_inputs(setup, capsys):
     assert main(args(tmp, "--steps", "1", "--overwrite")) == 0
     capsys.readouterr()
     assert main(args(tmp, "--steps", "1", "--device", "cuda:0", out="c")) == 2 or __import__("torch").cuda.is_available()
+
+
+def test_cli_snapshot_minutes(setup, capsys):
+    tmp = setup
+    with pytest.raises(SystemExit) as e:
+        main(args(tmp, "--steps", "1", "--snapshot-minutes", "0"))
+    assert e.value.code == 2 and "positive minutes" in capsys.readouterr().err
+    # a snapshot time that is never reached is simply not taken; the run is unaffected
+    assert main(args(tmp, "--steps", "2", "--snapshot-minutes", "30,60", "--stop-after", "1")) == 0
+    capsys.readouterr()
+    assert not list(tmp.glob("run.snapshot-*"))
+    assert main(args(tmp, "--steps", "2", "--resume", "--snapshot-minutes", "1e-6")) == 0  # runtime setting
+    assert (tmp / "run.snapshot-1e-06min" / "model.safetensors").is_file()

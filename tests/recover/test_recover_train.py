@@ -227,3 +227,31 @@ def test_gradual_with_project_pruning_method(tmp_path):
     assert count_mask_violations(student.model, run.masks) == 0
     starts = [h for h in run.state["history"] if str(h.get("eval", "")).endswith("start")]
     assert len(starts) == 2
+
+
+def test_snapshots_keep_the_student_at_given_minutes(tmp_path, monkeypatch):
+    import ipu_sparse.recover.train as train_mod
+
+    clock = {"t": 1000.0}
+    monkeypatch.setattr(train_mod.time, "time", lambda: clock["t"])
+    run = make_run(tmp_path, steps=6, snapshot_minutes=(1.0, 2.0, 60.0))
+    orig_save = run._maybe_save
+
+    def ticking():  # every step's save check advances the fake clock by 30 s
+        clock["t"] += 30.0
+        orig_save()
+
+    monkeypatch.setattr(run, "_maybe_save", ticking)
+    run.run()
+    taken = run.state["snapshots"]
+    assert sorted(taken) == ["1.0", "2.0"]  # 60 min never reached
+    assert taken["1.0"]["steps"] < taken["2.0"]["steps"] <= 6
+    for m in (1.0, 2.0):
+        snap = load_model(str(run.snapshot_dir(m)))
+        for name, mod in snap.model.linear_layers():
+            assert not bool(((mod.weight != 0) & ~run.masks[name]).any()), name
+    assert not run.snapshot_dir(60.0).exists()
+    # the 1-minute snapshot differs from the final student (training went on after it)
+    a = load_model(str(run.snapshot_dir(1.0))).model.state_dict()
+    b = run.student.state_dict()
+    assert any(not torch.equal(a[k], b[k]) for k in a if k in b)

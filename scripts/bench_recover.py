@@ -105,9 +105,6 @@ def main() -> int:
     results = load_json(res_path)
     results.setdefault("rows", {})
     if args.report_only:
-        if args.curve_windows and f"wt2_ppl_{args.curve_windows}w" not in results["rows"].get("dense", {}):
-            results["rows"].setdefault("dense", {})[f"wt2_ppl_{args.curve_windows}w"] = dense_curve_ppl(args)
-            save_json(res_path, results)
         write_outputs(results, tag, args)
         return 0
     results["settings"] = vars(args)
@@ -119,16 +116,17 @@ def main() -> int:
     def wt_ppl(model, n):
         return windows_ppl(model, wt_ids, 512, n, 4, source="wikitext-2 test", progress=False).ppl
 
-    def evaluate(model, name):
+    def evaluate(model, name, quick=False):
+        """The table's quick perplexity; unless ``quick`` (snapshots), also --full and zero-shot."""
         row = results["rows"].setdefault(name, {})
         if f"wt2_ppl_{args.windows}w" not in row:
             t0 = time.time()
             row[f"wt2_ppl_{args.windows}w"] = wt_ppl(model, args.windows)
             log(f"{name}: WikiText-2 ppl (L=512, {args.windows} windows) {row[f'wt2_ppl_{args.windows}w']:.2f} "
                 f"({time.time() - t0:.0f} s)")
-        if args.full and "wt2_ppl_full" not in row:
+        if args.full and not quick and "wt2_ppl_full" not in row:
             row["wt2_ppl_full"] = wt_ppl(model, None)
-        if args.zeroshot_limit and "zeroshot" not in row:
+        if args.zeroshot_limit and not quick and "zeroshot" not in row:
             from ipu_sparse.eval.zeroshot import TASKS, evaluate_tasks
 
             row["zeroshot"] = evaluate_tasks(model, tok, TASKS, limit=args.zeroshot_limit, progress=False)
@@ -214,7 +212,7 @@ def main() -> int:
                          "train_minutes": round(info["elapsed_s"] / 60, 2), "source": source,
                          "recover_config": row["recover_config"], "snapshot_of": name})
             snap_model = load_model(str(run.snapshot_dir(float(m))), device=args.device).model
-            evaluate(snap_model, sname)
+            evaluate(snap_model, sname, quick=True)
             if "chat" not in srow:
                 srow["chat"] = chat(snap_model)
             save_json(res_path, results)
@@ -235,16 +233,6 @@ def main() -> int:
 
     write_outputs(results, tag, args)
     return 0
-
-
-def dense_curve_ppl(args) -> float:
-    """The dense model's perplexity on the curve's windows (the curve's 2x-dense line)."""
-    from ipu_sparse.eval.perplexity import wikitext2_ids, windows_ppl
-    from ipu_sparse.loading import load_model
-
-    lm = load_model(args.model)
-    return windows_ppl(lm.model, wikitext2_ids(lm.tokenizer), 512, args.curve_windows, 4, source="wikitext-2 test",
-                       progress=False).ppl
 
 
 def projection(curve, target: float):
@@ -284,6 +272,9 @@ def write_outputs(results: dict, tag: str, args) -> None:
                      f"{row.get('train_minutes', '')} | {row.get('source', '')} |" if ppl is not None
                      else f"| {name} | (not evaluated) ||||||")
     dense_c = results.get("rows", {}).get("dense", {}).get(f"wt2_ppl_{args.curve_windows}w")
+    if not dense_c:  # the teacher's point recorded at the start of each run's curve
+        dense_c = next((c["wt2_ppl_curve"] for r in results.get("rows", {}).values() for c in r.get("curve", [])
+                        if c["label"] == "teacher" and c["wt2_ppl_curve"]), None)
     if dense_c:
         proj_lines = []
         for name, row in results["rows"].items():
@@ -296,12 +287,13 @@ def write_outputs(results: dict, tag: str, args) -> None:
             # average over the run's training time, block phase included
             tok_s = row["tokens"] / max(60 * row.get("train_minutes", 0), 1) if row.get("tokens") else None
             need = pj["tokens_to_target"]
-            when = "does not decrease" if need is None else (
+            when = "does not decrease" if need is None else "already reached" if pj["last_ppl"] <= 2 * dense_c else (
                 f"{need:,.0f} tokens" + (f" (~{need / tok_s / 3600:,.1f} h of 2-core training at this run's "
                                          f"average {tok_s:.0f} tokens/s)" if tok_s else ""))
             proj_lines.append(f"- *{name}*: ppl ~ tokens^{pj['exponent']:.3f} over {pj['points']} points "
                               f"(last {pj['last_ppl']:.1f} at {pj['last_tokens']:,} tokens); 2x dense "
-                              f"({2 * dense_c:.1f} on these {args.curve_windows} windows) projected at {when}")
+                              f"({2 * dense_c:.1f} on these {args.curve_windows} windows) "
+                              f"{'' if when == 'already reached' else 'projected at '}{when}")
         if proj_lines:
             lines += ["", f"Projection (power law fitted to the end-to-end distillation curve, WikiText-2 first "
                       f"{args.curve_windows} windows; dense {dense_c:.2f}):", ""] + proj_lines
@@ -346,12 +338,13 @@ def write_outputs(results: dict, tag: str, args) -> None:
 
         fig, ax = plt.subplots(figsize=(8, 5))
         for name, row in results["rows"].items():
-            curve = [c for c in row.get("curve", []) if c["wt2_ppl_curve"] is not None and c["label"] != "teacher"]
+            curve = [c for c in row.get("curve", []) if c["wt2_ppl_curve"] is not None and c["label"] != "teacher"
+                     and not row.get("snapshot_of")]
             if curve:
                 ax.plot([c["tokens"] + c["block_tokens"] for c in curve], [c["wt2_ppl_curve"] for c in curve], "o-",
                         label=name)
         cw = args.curve_windows
-        dense = results["rows"].get("dense", {}).get(f"wt2_ppl_{cw}w")
+        dense = dense_c
         if dense:
             ax.axhline(dense, color="k", ls="--", label=f"dense ({cw} windows)")
             ax.axhline(2 * dense, color="gray", ls=":", label="2x dense (target)")

@@ -569,9 +569,19 @@ class Recovery:
                        "elapsed_s": round(self.elapsed(), 2), "step_s": round(dt, 3)}
                 rec.update({k: round(v, 6) for k, v in parts.items()})
                 st["history"].append(rec)
+                refit = st.setdefault("horizon_refit", [])
                 if horizon is None and len(t_steps) >= 3:
                     horizon = self._estimate_horizon(t_steps, ph, n_phases)
                     st["horizons"][str(ph)] = horizon
+                    if bar is not None:
+                        bar.total = horizon
+                elif (horizons is None and len(t_steps) == 20 and ph not in refit
+                      and st["phase_step"] < horizon):
+                    # once more from 20 steps' times: the first ones are often slower (caches, warm-up), and
+                    # a horizon fitted to them would end the schedule well before the budget
+                    horizon = self._estimate_horizon(t_steps[5:], ph, n_phases)
+                    st["horizons"][str(ph)] = horizon
+                    refit.append(ph)
                     if bar is not None:
                         bar.total = horizon
                 if bar is not None:
@@ -596,7 +606,7 @@ class Recovery:
 
     def _estimate_horizon(self, t_steps: List[float], ph: int, n_phases: int) -> int:
         """Steps this phase can take in its share of the remaining time (``--max-minutes`` only)."""
-        per_step = sorted(t_steps[1:])[len(t_steps[1:]) // 2]  # median, skipping the first (warm-up) step
+        per_step = sorted(t_steps[1:])[len(t_steps[1:]) // 2]  # median, skipping the first listed step
         remaining = self.cfg.max_minutes * 60 - self.elapsed()
         share = remaining / (n_phases - ph)  # evaluation time is not charged to the budget
         steps = int(share / per_step)

@@ -113,7 +113,14 @@ def fmt_num(v):
 def table(results):
     lines = ["| row | sparsity (Linears) | WikiText-2 ppl (L=512, 40 win) | reference ppl | LAMBADA acc (500) | prune wall s | prune CPU s | load avg |",
              "|---|---|---|---|---|---|---|---|"]
-    for name, _ in ROWS:
+    def order(name):  # dense, then per method by sparsity (2:4 after 80%), then the variants
+        for i, m in enumerate(("magnitude", "wanda", "sparsegpt", "improved")):
+            tail = name[len(m) + 1:]
+            if name.startswith(m + "-") and (tail.isdigit() or tail == "2:4"):
+                return (1, i, 100 if tail == "2:4" else int(tail))
+        return (0,) if name == "dense" else (2, [n for n, _ in ROWS].index(name))
+
+    for name in sorted((n for n, _ in ROWS), key=order):
         r = results.get(name)
         if not r:
             continue

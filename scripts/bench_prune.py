@@ -23,6 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from ipu_sparse.checkpoint import atomic_write_text  # noqa: E402
+
 LOCK = "/tmp/ipu_sparse_heavy.lock"
 
 # name -> prune_ keyword arguments (None = dense). Order = priority.
@@ -171,9 +173,7 @@ def save(results, out_json, name):
     on_disk = json.loads(out_json.read_text()) if out_json.is_file() else {}
     on_disk[name] = results[name]
     results.update(on_disk)
-    tmp = out_json.with_name(out_json.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, out_json)
+    atomic_write_text(out_json, json.dumps(results, indent=1))
 
 
 def main():
@@ -225,7 +225,7 @@ def main():
         results = json.loads(out_json.read_text())
     md = table(results)
     print(md)
-    out_json.with_suffix(".md").write_text(md + "\n")
+    atomic_write_text(out_json.with_suffix(".md"), md + "\n")
     if results:
         plot(results, out_json.with_suffix(".png"))
 

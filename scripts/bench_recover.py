@@ -44,9 +44,9 @@ def load_json(path: Path) -> dict:
 
 
 def save_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    from ipu_sparse.checkpoint import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=1))
 
 
 def main() -> int:
@@ -329,7 +329,9 @@ def write_outputs(results: dict, tag: str, args) -> None:
             lines.append("")
     table = "\n".join(lines)
     print(table)
-    (ROOT / "results" / f"recover_{tag}.md").write_text(table + "\n")
+    from ipu_sparse.checkpoint import atomic_write_text
+
+    atomic_write_text(ROOT / "results" / f"recover_{tag}.md", table + "\n")
     try:
         import matplotlib
 

@@ -64,6 +64,8 @@ def main() -> int:
     ap.add_argument("--gradual-minutes", type=float, default=60.0)
     ap.add_argument("--text", nargs="+", default=None, help="training text (default: data-free self-distillation)")
     ap.add_argument("--selfdistill-tokens", type=int, default=60_000)
+    ap.add_argument("--mix-selfdistill", type=float, default=0.0,
+                    help="with --text: data-free (teacher-written chat) windows as this fraction of the training windows")
     ap.add_argument("--block-epochs", type=int, default=1)
     ap.add_argument("--block-windows", type=int, default=32)
     ap.add_argument("--block-batch", type=int, default=2)
@@ -117,7 +119,7 @@ def main() -> int:
         return windows_ppl(model, wt_ids, 512, n, 4, source="wikitext-2 test", progress=False).ppl
 
     def evaluate(model, name, quick=False):
-        """The table's quick perplexity; unless ``quick`` (snapshots), also --full and zero-shot."""
+        """The table's quick perplexity, zero-shot if asked, and unless ``quick`` (snapshots) --full."""
         row = results["rows"].setdefault(name, {})
         if f"wt2_ppl_{args.windows}w" not in row:
             t0 = time.time()
@@ -126,7 +128,7 @@ def main() -> int:
                 f"({time.time() - t0:.0f} s)")
         if args.full and not quick and "wt2_ppl_full" not in row:
             row["wt2_ppl_full"] = wt_ppl(model, None)
-        if args.zeroshot_limit and not quick and "zeroshot" not in row:
+        if args.zeroshot_limit and row.get("zeroshot_limit") != args.zeroshot_limit:
             from ipu_sparse.eval.zeroshot import TASKS, evaluate_tasks
 
             row["zeroshot"] = evaluate_tasks(model, tok, TASKS, limit=args.zeroshot_limit, progress=False)
@@ -144,6 +146,7 @@ def main() -> int:
             out.append({"question": q, "answer": tok.decode(ans).strip()})
         return out
 
+    reuse_dense_evaluations(results, args.model, args.zeroshot_limit, res_path)
     evaluate(teacher, "dense")
     if args.curve_windows and f"wt2_ppl_{args.curve_windows}w" not in results["rows"]["dense"]:
         results["rows"]["dense"][f"wt2_ppl_{args.curve_windows}w"] = wt_ppl(teacher, args.curve_windows)
@@ -167,7 +170,7 @@ def main() -> int:
 
     sd = SelfDistillConfig(n_tokens=args.selfdistill_tokens)
     windows = build_windows(tok, 512, args.batch_size, args.heldout_windows, texts=args.text, teacher=teacher,
-                            cache_dir=work / "data", selfdistill=sd, progress=True)
+                            cache_dir=work / "data", selfdistill=sd, progress=True, mix_selfdistill=args.mix_selfdistill)
     source = "user text: " + windows.source if args.text else f"data-free (teacher-written, {windows.n_tokens:,} tokens)"
     log(f"training text: {source}")
 
@@ -233,6 +236,24 @@ def main() -> int:
 
     write_outputs(results, tag, args)
     return 0
+
+
+def reuse_dense_evaluations(results: dict, model: str, zeroshot_limit: int, res_path: Path) -> None:
+    """Copy the dense model's evaluations (deterministic) from the other recovery results files of the same
+    model, so that the teacher's full test set and zero-shot tasks are computed once for all tags."""
+    dense = results["rows"].setdefault("dense", {})
+    for other in sorted((ROOT / "results").glob("recover_*.json")):
+        if other == res_path:
+            continue
+        data = load_json(other)
+        if data.get("settings", {}).get("model") != model:
+            continue
+        src = data.get("rows", {}).get("dense", {})
+        for k, v in src.items():
+            if k.startswith("wt2_ppl_") or k == "chat":
+                dense.setdefault(k, v)
+        if zeroshot_limit and src.get("zeroshot_limit") == zeroshot_limit and "zeroshot" not in dense:
+            dense["zeroshot"], dense["zeroshot_limit"] = src["zeroshot"], src.get("zeroshot_limit")
 
 
 def projection(curve, target: float):
@@ -353,7 +374,8 @@ def write_outputs(results: dict, tag: str, args) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("token passes: block reconstruction (calibration tokens x blocks), then end-to-end KD tokens")
         ax.set_ylabel(f"WikiText-2 ppl (L=512, first {args.curve_windows} windows)")
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(ROOT / "results" / f"recover_{tag}.png", dpi=110)
     except ImportError:

@@ -353,16 +353,34 @@ def _write_readable(path: Path, records, prompts, tokenizer) -> None:
 
 def build_windows(tokenizer, seq_len: int, batch_size: int, heldout_windows: int, texts: Optional[Sequence] = None,
                   teacher=None, cache_dir=None, selfdistill: Optional[SelfDistillConfig] = None,
-                  progress: bool = False) -> TokenWindows:
-    """Training/held-out windows from user ``texts`` (files or directories), or else the data-free source."""
+                  progress: bool = False, mix_selfdistill: float = 0.0) -> TokenWindows:
+    """Training/held-out windows from user ``texts`` (files or directories), or else the data-free source.
+
+    With ``texts`` and ``mix_selfdistill`` = f in (0, 1), the data-free (teacher-written, mostly chat)
+    windows are added to the training windows, repeated as needed, so that they make up a fraction f
+    of them (e.g. to keep the chat format while recovering on encyclopaedic text); the held-out
+    windows stay the user text's."""
     if seq_len < 2:
         raise UserError(f"--seq-len must be >= 2, got {seq_len}")
+    if not 0.0 <= mix_selfdistill < 1.0:
+        raise UserError(f"--mix-selfdistill must be in [0, 1), got {mix_selfdistill}")
+    if mix_selfdistill and not texts:
+        raise UserError("--mix-selfdistill mixes the data-free text into --text; give --text too")
+    if (not texts or mix_selfdistill) and (teacher is None or cache_dir is None):
+        raise UserError("no training text given and no teacher/cache directory for the data-free source")
     if texts:
         files = collect_text_files(texts)
         ids = tokenize_files(tokenizer, files)
         source = ", ".join(str(f) for f in files[:3]) + (f" (+{len(files) - 3} files)" if len(files) > 3 else "")
-        return windows_from_ids(ids, seq_len, heldout_windows, batch_size, source)
-    if teacher is None or cache_dir is None:
-        raise UserError("no training text given and no teacher/cache directory for the data-free source")
+        w = windows_from_ids(ids, seq_len, heldout_windows, batch_size, source)
+        if not mix_selfdistill:
+            return w
+        sd_ids, cache = self_distill_ids(teacher, tokenizer, cache_dir, selfdistill, progress=progress)
+        sd = windows_from_ids(sd_ids, seq_len, 0, 1, f"self-distillation text ({cache})").train
+        n_sd = max(1, round(mix_selfdistill / (1 - mix_selfdistill) * w.train.shape[0]))
+        rep = sd[torch.arange(n_sd) % sd.shape[0]]
+        return TokenWindows(torch.cat([w.train, rep]), w.heldout,
+                            f"{source} + self-distillation text ({cache}; {sd.shape[0]} windows, repeated to "
+                            f"{n_sd} = {mix_selfdistill:.0%} of the training windows)", len(ids) + len(sd_ids))
     ids, cache = self_distill_ids(teacher, tokenizer, cache_dir, selfdistill, progress=progress)
     return windows_from_ids(ids, seq_len, heldout_windows, batch_size, f"self-distillation text ({cache})")

@@ -74,6 +74,32 @@ def test_user_text_files_and_directories(tmp_path):
     assert w.train.shape == (w.n_tokens // 64 - 2, 64)
 
 
+def test_user_text_mixed_with_data_free_text(tmp_path):
+    lm = load_model("tiny-llama")
+    user = tmp_path / "a.txt"
+    user.write_text("hello world. " * 200)
+    sd = SelfDistillConfig(n_tokens=300, max_new_tokens=8, samples_per_prompt=2)
+    plain = build_windows(lm.tokenizer, 32, 2, 2, texts=[user])
+    mixed = build_windows(lm.tokenizer, 32, 2, 2, texts=[user], teacher=lm.model, cache_dir=tmp_path / "c",
+                          selfdistill=sd, mix_selfdistill=0.25)
+    n_user = plain.train.shape[0]
+    assert torch.equal(mixed.heldout, plain.heldout)  # held out: the user text only
+    assert torch.equal(mixed.train[:n_user], plain.train)
+    extra = mixed.train[n_user:]
+    assert extra.shape[0] == round(n_user / 3)  # a quarter of all training windows
+    sd_ids, _ = self_distill_ids(lm.model, lm.tokenizer, tmp_path / "c", sd)
+    sd_windows = torch.tensor(sd_ids[: len(sd_ids) // 32 * 32]).view(-1, 32)
+    assert sd_windows.shape[0] < extra.shape[0]  # repeated to reach the fraction
+    assert torch.equal(extra, sd_windows[torch.arange(extra.shape[0]) % sd_windows.shape[0]])
+    assert "self-distillation" in mixed.source and "25%" in mixed.source
+    with pytest.raises(UserError, match="mix-selfdistill must be in"):
+        build_windows(lm.tokenizer, 32, 2, 2, texts=[user], teacher=lm.model, cache_dir=tmp_path / "c",
+                      selfdistill=sd, mix_selfdistill=1.0)
+    with pytest.raises(UserError, match="give --text too"):
+        build_windows(lm.tokenizer, 32, 2, 2, teacher=lm.model, cache_dir=tmp_path / "c", selfdistill=sd,
+                      mix_selfdistill=0.2)
+
+
 def test_bad_text_sources(tmp_path, shared_data):
     lm = load_model("tiny-llama")
     small = tmp_path / "small.txt"

@@ -108,6 +108,7 @@ def main() -> int:
     results.setdefault("rows", {})
     if args.report_only:
         write_outputs(results, tag, args)
+        save_json(res_path, results)  # with the derived projection / zero-shot margin fields
         return 0
     results["settings"] = vars(args)
 
@@ -326,19 +327,30 @@ def write_outputs(results: dict, tag: str, args) -> None:
         def score(z, t):
             return z[t].get("acc_norm", z[t].get("acc"))
 
+        import math
+
+        def significant(t):
+            """dense is above chance by at least two standard errors of its accuracy on these items"""
+            acc, n = score(dense_z, t), dense_z[t].get("n") or 1
+            return acc - CHANCE.get(t, 0.0) >= 2 * math.sqrt(max(acc * (1 - acc), 1e-12) / n)
+
+        kept_tasks = [t for t in tasks if dense_z and t in dense_z and significant(t)]
+        dropped = [t for t in tasks if t not in kept_tasks]
         lines += ["", f"Zero-shot (first {zs[0][1][tasks[0]].get('n', '?')} items per task; acc_norm where defined, "
-                  "else acc; last column: mean over tasks of (acc - chance) / (dense acc - chance))", "",
+                  "else acc; last column: mean over tasks of (acc - chance) / (dense acc - chance), over the tasks "
+                  "where dense is at least two standard errors above chance"
+                  + (f"; left out: {', '.join(dropped)}" if dropped else "") + ")", "",
                   "| model | " + " | ".join(tasks) + " | margin above chance kept |",
                   "|---|" + "---|" * (len(tasks) + 1)]
         for n, z in zs:
             cells = [f"{score(z, t):.3f}" for t in tasks]
             kept = ""
-            if dense_z and all(t in dense_z for t in tasks):
-                fr = [(score(z, t) - CHANCE.get(t, 0.0)) / (score(dense_z, t) - CHANCE.get(t, 0.0)) for t in tasks
-                      if score(dense_z, t) > CHANCE.get(t, 0.0)]
-                kept = f"{100 * sum(fr) / len(fr):.0f}%" if fr else ""
-                z_row = results["rows"][n]
-                z_row["zeroshot_margin_kept"] = sum(fr) / len(fr) if fr else None
+            fr = [(score(z, t) - CHANCE.get(t, 0.0)) / (score(dense_z, t) - CHANCE.get(t, 0.0)) for t in kept_tasks
+                  if t in z]
+            if fr and len(fr) == len(kept_tasks):
+                kept = f"{100 * sum(fr) / len(fr):.0f}%"
+                results["rows"][n]["zeroshot_margin_kept"] = sum(fr) / len(fr)
+                results["rows"][n]["zeroshot_margin_tasks"] = kept_tasks
             lines.append(f"| {n} | " + " | ".join(cells) + f" | {kept} |")
     chats = [(n, r["chat"]) for n, r in results["rows"].items() if "chat" in r]
     if chats:

@@ -32,9 +32,11 @@ def test_projection_recovers_power_law(bench):
 def test_margin_above_chance_and_dense_reuse(bench, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "ROOT", tmp_path)
     (tmp_path / "results").mkdir()
-    zs = lambda h, p: {"hellaswag": {"acc": 0, "acc_norm": h, "n": 10}, "piqa": {"acc": p, "n": 10}}  # noqa: E731
+    def zs(h, p, w, n=1000):  # hellaswag (acc_norm), piqa, winogrande accuracies on n items
+        return {"hellaswag": {"acc": 0, "acc_norm": h, "n": n}, "piqa": {"acc": p, "n": n}, "winogrande": {"acc": w, "n": n}}
+
     other = {"settings": {"model": "m"}, "rows": {"dense": {"wt2_ppl_40w": 29.0, "wt2_ppl_full": 27.0,
-                                                            "zeroshot": zs(0.45, 0.7), "zeroshot_limit": 10}}}
+                                                            "zeroshot": zs(0.45, 0.7, 0.51), "zeroshot_limit": 10}}}
     (tmp_path / "results" / "recover_a.json").write_text(json.dumps(other))
     res_path = tmp_path / "results" / "recover_b.json"
     results = {"rows": {}}
@@ -47,11 +49,14 @@ def test_margin_above_chance_and_dense_reuse(bench, tmp_path, monkeypatch):
     bench.reuse_dense_evaluations(results3, "other-model", 10, res_path)
     assert results3["rows"]["dense"] == {}
 
-    results["rows"]["sparse"] = {"wt2_ppl_40w": 60.0, "zeroshot": zs(0.35, 0.6), "zeroshot_limit": 10}
+    results["rows"]["sparse"] = {"wt2_ppl_40w": 60.0, "zeroshot": zs(0.35, 0.6, 0.58), "zeroshot_limit": 10}
     args = SimpleNamespace(windows=40, curve_windows=0)
     bench.write_outputs(results, "b", args)
     kept = results["rows"]["sparse"]["zeroshot_margin_kept"]
+    # winogrande: dense 0.51 is within two standard errors of chance (0.5) on 1000 items: left out
     assert kept == pytest.approx(((0.35 - 0.25) / (0.45 - 0.25) + (0.6 - 0.5) / (0.7 - 0.5)) / 2)
+    assert results["rows"]["sparse"]["zeroshot_margin_tasks"] == ["hellaswag", "piqa"]
     table = (tmp_path / "results" / "recover_b.md").read_text()
+    assert "left out: winogrande" in table
     assert "| sparse | 60.00 |" in table and f"{100 * kept:.0f}%" in table
     assert not math.isnan(kept)

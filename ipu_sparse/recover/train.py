@@ -607,10 +607,12 @@ class Recovery:
     def _estimate_horizon(self, t_steps: List[float], ph: int, n_phases: int) -> int:
         """Steps this phase can take in its share of the remaining time (``--max-minutes`` only)."""
         per_step = sorted(t_steps[1:])[len(t_steps[1:]) // 2]  # median, skipping the first listed step
-        remaining = self.cfg.max_minutes * 60 - self.elapsed()
-        share = remaining / (n_phases - ph)  # evaluation time is not charged to the budget
-        steps = int(share / per_step)
-        horizon = self.state["phase_step"] + max(1, steps)
+        remaining = self.cfg.max_minutes * 60 - self.elapsed()  # evaluation time is not charged to the budget
+        # this phase's equal share of what is left, counting the distillation time it has already had
+        # (so that a refit does not hand the current phase a share of the later phases' time)
+        done = self.state["phase_step"]
+        share = (remaining + done * per_step) / (n_phases - ph)
+        horizon = max(done + 1, int(share / per_step))
         self.log(f"phase {ph}: {per_step:.2f} s/step measured -> schedule horizon {horizon} steps "
                  f"(~{horizon * self.cfg.batch_size * self.cfg.grad_accum * self.cfg.seq_len:,} tokens)")
         return horizon

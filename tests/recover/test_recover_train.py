@@ -166,6 +166,22 @@ def test_time_budget_fits_horizon_and_stops(tmp_path):
         assert run.state["horizons"]["0"] >= 3
 
 
+def test_budget_horizon_gives_each_gradual_phase_an_equal_share():
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(max_minutes=30, batch_size=4, grad_accum=1, seq_len=512)
+
+    def horizon(phase_step, elapsed, ph, n_phases):
+        fake = SimpleNamespace(cfg=cfg, elapsed=lambda: elapsed, state={"phase_step": phase_step}, log=lambda m: None)
+        return Recovery._estimate_horizon(fake, [10.0] * 21, ph, n_phases)
+
+    # 600 s of the 1800 s used, 20 steps of 10 s into phase 0 of 3: the phase's share of the 1400 s that
+    # are its and the later phases' is 466 s = 46 steps in all (not 20 more + a third of what is left)
+    assert horizon(20, 600.0, 0, 3) == 46
+    assert horizon(20, 600.0, 0, 1) == 20 + 120  # a single phase gets all the remaining time
+    assert horizon(3, 1790.0, 2, 3) == 4  # out of time: at least one more step, never fewer than done
+
+
 def test_bad_inputs(tmp_path):
     run = make_run(tmp_path, steps=2)
     run.run()

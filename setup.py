@@ -42,7 +42,7 @@ def _sparse_kernel_build():
 # --- end compiled sparse CPU kernel --------------------------------------------------------------
 
 # --- PopART sparse-matmul custom op (popart_ops/, IPU hosts only) ------------------------------
-# Built with CMake (find_package(popart)) only where the Graphcore Poplar SDK is enabled
+# Built with CMake (find_package(popart COMPONENTS popart-only)) only where the Graphcore Poplar SDK is enabled
 # (`source poplar-*/enable.sh` sets POPLAR_SDK_ENABLED; or IPU_SPARSE_POPART_OPS=1 forces it).
 # Elsewhere it prints that it is skipped; a failed build never breaks the install.
 def _popart_ops_step():
@@ -75,6 +75,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.8",
     packages=find_packages(include=["ipu_sparse", "ipu_sparse.*"]),
+    package_data={"ipu_sparse.ipu": ["data/*.json"],  # PopTorch 3.4 op table for ipu-check
+                  "ipu_sparse.serve": ["static/*.html", "static/*.js", "static/*.css"]},  # the Lumi chat page
     install_requires=[
         "torch>=2.0.1",
         "numpy",
@@ -83,10 +85,15 @@ setup(
         "safetensors>=0.4",
         "jinja2",
         "tqdm",
+        "starlette>=0.37",  # `ipu-sparse serve` (0.44 / uvicorn 0.33 are the last for Python 3.8)
+        "uvicorn>=0.29",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis"],
+        "test": ["pytest", "hypothesis", "openai"],
         "bench": ["transformers", "matplotlib"],
+        # the sparse-bitmask compressor is in compressed-tensors <= 0.14 (torch >= 2.1); our export and
+        # import do not need it, the interoperability tests use it when it is installed
+        "compressed-tensors": ["compressed-tensors>=0.10,<0.15"],
     },
     entry_points={"console_scripts": ["ipu-sparse=ipu_sparse.cli:main"]},
     **_sparse_kernel_build(),

@@ -1,10 +1,16 @@
-"""Core subcommands: generate, chat, info."""
+"""Core subcommands: generate, chat, info.
+
+Handlers import the modules they run (models, loaders, kernels) inside the function, so
+`ipu-sparse --help` and argument errors stay fast; everything else is imported at the top.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 
 from .config import DEFAULT_MODEL
+from .errors import UserError
+from .fileio import check_output_path
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -49,7 +55,11 @@ def register(sub) -> None:
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("--gguf", metavar="FILE", help="GGUF file to write (llama architecture)")
     out.add_argument("--hf", metavar="DIR", help="Hugging Face directory to write (config.json + model.safetensors)")
-    p.add_argument("--f16", action="store_true", help="store GGUF matrices as F16 (default F32)")
+    out.add_argument("--compressed-tensors", metavar="DIR",
+                     help="compressed-tensors directory (sparse-bitmask: llm-compressor's format, loaded by vLLM)")
+    p.add_argument("--f16", action="store_true",
+                   help="store GGUF matrices as F16 (default F32); with --compressed-tensors, store values and "
+                        "dense tensors as fp16 (default: the sparse layers' value dtype, bf16 for a dense model)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_export)
 
@@ -65,10 +75,44 @@ def load_for_cli(args):
     print(f"loading {args.model} ...", file=sys.stderr)
     lm = load_model(args.model, dtype=dtype, progress=True)
     if lm.tokenizer is None:
-        from .errors import UserError
-
         raise UserError(f"{args.model}: no tokenizer found with the model")
     return lm
+
+
+def check_text(text: str, what: str) -> str:
+    """``text`` from the command line, refused if it holds bytes that are not UTF-8 (Python keeps
+    them as lone surrogates, which no tokenizer can encode)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        ch = exc.object[exc.start]
+        byte = f"byte 0x{ord(ch) - 0xdc00:02x}" if 0xdc80 <= ord(ch) <= 0xdcff else f"character {ch!r}"
+        raise UserError(f"{what}: not valid UTF-8 ({byte} at position {exc.start})") from None
+    return text
+
+
+def decode_input(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{what}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})") from None
+
+
+def stdin_stream():
+    """Standard input, or ``UserError`` when it is closed (``<&-``)."""
+    if sys.stdin is None or sys.stdin.closed:
+        raise UserError("standard input is closed")
+    return sys.stdin
+
+
+def read_stdin_text(what: str = "standard input") -> str:
+    """All of standard input as UTF-8 text (one clear error for invalid bytes or a closed stream)."""
+    stream = stdin_stream()
+    try:
+        data = stream.buffer.read() if hasattr(stream, "buffer") else stream.read()
+    except OSError as exc:
+        raise UserError(f"{what}: cannot read standard input ({exc.strerror or exc})") from None
+    return decode_input(data, what) if isinstance(data, bytes) else check_text(data, what)
 
 
 def _sampling(args):
@@ -83,9 +127,11 @@ def cmd_generate(args) -> int:
     from .generate import TextStreamer, generate
 
     sampling = _sampling(args)
+    prompt = read_stdin_text("--prompt -") if args.prompt == "-" else check_text(args.prompt, "--prompt")
+    if args.system is not None:
+        check_text(args.system, "--system")
     lm = load_for_cli(args)
     tok = lm.tokenizer
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else [])
         messages.append({"role": "user", "content": prompt})
@@ -108,22 +154,30 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from .errors import UserError
     from .generate import ChatSession
 
+    sampling = _sampling(args)
+    stream = stdin_stream()
+    if args.system is not None:
+        check_text(args.system, "--system")
     lm = load_for_cli(args)
-    session = ChatSession(lm.model, lm.tokenizer, _sampling(args), args.max_new_tokens, args.system)
-    interactive = sys.stdin.isatty()
+    session = ChatSession(lm.model, lm.tokenizer, sampling, args.max_new_tokens, args.system)
+    interactive = stream.isatty()
+    raw = getattr(stream, "buffer", None)
     if interactive:
         print("chat with the model; /reset clears the history, /quit or Ctrl-D ends", file=sys.stderr)
     while True:
         if interactive:
             sys.stderr.write("you> ")
             sys.stderr.flush()
-        line = sys.stdin.readline()
+        line = raw.readline() if raw is not None else stream.readline()
         if not line:
             break
-        text = line.strip()
+        try:  # a line that is not UTF-8 is refused, the conversation goes on
+            text = (decode_input(line, "input line") if isinstance(line, bytes) else check_text(line, "input line")).strip()
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            continue
         if not text:
             continue
         if text in ("/quit", "/exit"):
@@ -158,13 +212,17 @@ def cmd_info(args) -> int:
 def cmd_export(args) -> int:
     from pathlib import Path
 
-    from .errors import UserError
-
-    target = Path(args.gguf or args.hf)
-    if target.exists() and not args.overwrite:
-        raise UserError(f"{target}: already exists (pass --overwrite to replace it)")
+    target = check_output_path(args.gguf or args.hf or args.compressed_tensors, args.overwrite,
+                               directory=not args.gguf)
     lm = load_for_cli(args)
     model = lm.model
+    if args.compressed_tensors:  # sparse layers are written as they are (bitmap = sparse-bitmask)
+        from .loading.compressed_tensors import save_compressed_tensors
+
+        save_compressed_tensors(model, lm.tokenizer, target, dtype="fp16" if args.f16 else None,
+                                overwrite=args.overwrite)
+        print(f"wrote {target}", file=sys.stderr)
+        return 0
     if any(getattr(m, "is_sparse_linear", False) for _, m in model.linear_layers(include_head=True)):
         from .sparse.linear import densify_
 

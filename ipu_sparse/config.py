@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 from .errors import UserError
+
+
+SIZE_LIMIT = 1 << 24  # upper bound of every size field of a config (vocabulary, widths, layers, context)
 
 
 @dataclass
@@ -52,8 +55,21 @@ class ModelConfig:
     def validate(self) -> None:
         for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
             value = getattr(self, key)
-            if not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise UserError(f"model config {self.name!r}: {key} must be a positive integer, got {value!r}")
+            if value > SIZE_LIMIT:  # a sane bound: products of sizes stay far inside int64 byte counts
+                raise UserError(f"model config {self.name!r}: {key} {value} is beyond any model (limit {SIZE_LIMIT})")
+        for key in ("norm_eps", "rope_theta"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise UserError(f"model config {self.name!r}: {key} must be a positive finite number, got {value!r}")
+        for key in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise UserError(f"model config {self.name!r}: {key} must be a token id or null, got {value!r}")
+        for key in ("attn_bias", "mlp_bias", "tie_embeddings"):
+            if not isinstance(getattr(self, key), bool):
+                raise UserError(f"model config {self.name!r}: {key} must be true or false, got {getattr(self, key)!r}")
         if self.d_model % self.n_heads:
             raise UserError(f"model config {self.name!r}: d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
@@ -70,8 +86,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise UserError(f"model config must be an object, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
+        unknown = sorted(str(k) for k in set(d) - known)
         if unknown:
             raise UserError(f"model config has unknown fields: {', '.join(unknown)}")
         return cls(**d)
@@ -79,18 +97,29 @@ class ModelConfig:
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
+    def check_context(self, tokens: int, what: str) -> None:
+        """``UserError`` naming ``what`` if ``tokens`` do not fit the model's context."""
+        if tokens > self.max_seq_len:
+            raise UserError(f"{what} {tokens} exceeds the context of model {self.name!r} ({self.max_seq_len} tokens)")
+
+    def layer_projections(self) -> List[Tuple[str, int, int, bool]]:
+        """(name inside a decoder layer, out_features, in_features, has bias) of each projection of one
+        decoder layer, in the model's order: the one table of projection shapes (``model.Transformer``
+        builds exactly these, see tests/core/test_config.py; accounting and the IPU planner read it)."""
+        d, q, kv, f = self.d_model, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.d_ff
+        out = [("attn.q_proj", q, d, self.attn_bias), ("attn.k_proj", kv, d, self.attn_bias),
+               ("attn.v_proj", kv, d, self.attn_bias), ("attn.o_proj", d, q, self.attn_bias)]
+        if self.mlp == "swiglu":
+            out.append(("mlp.gate_proj", f, d, self.mlp_bias))
+        out += [("mlp.up_proj", f, d, self.mlp_bias), ("mlp.down_proj", d, f, self.mlp_bias)]
+        return out
+
     def num_params(self, include_embeddings: bool = True) -> int:
         """Parameter count from the shape alone (no model needs to be built)."""
-        d, f, hd = self.d_model, self.d_ff, self.head_dim
-        attn = d * self.n_heads * hd + 2 * d * self.n_kv_heads * hd + self.n_heads * hd * d
-        if self.attn_bias:
-            attn += self.n_heads * hd + 2 * self.n_kv_heads * hd + d
-        if self.mlp == "swiglu":
-            mlp = 3 * d * f + (2 * f + d if self.mlp_bias else 0)
-        else:
-            mlp = 2 * d * f + (f + d if self.mlp_bias else 0)
+        d = self.d_model
+        layer = sum(rows * cols + (rows if bias else 0) for _, rows, cols, bias in self.layer_projections())
         norm_params = d if self.norm == "rmsnorm" else 2 * d
-        total = self.n_layers * (attn + mlp + 2 * norm_params) + norm_params
+        total = self.n_layers * (layer + 2 * norm_params) + norm_params
         if include_embeddings:
             total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return total

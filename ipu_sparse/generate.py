@@ -1,4 +1,5 @@
-"""Text generation: prefill + KV-cached decode, greedy or sampled, streamed token by token."""
+"""Text generation: prefill + KV-cached decode, greedy or sampled (top-k, top-p), streamed token by token;
+one prompt, or several samples of one prompt decoded as a batch (``generate_batch``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,68 +28,93 @@ class SamplingConfig:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: Optional[torch.Generator] = None) -> int:
-    """Pick the next token from fp32 logits (vocab,)."""
+def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Pick one next token per row from logits (n, V); returns (n,) token ids."""
     if cfg.temperature == 0.0:
-        return int(torch.argmax(logits))
-    logits = logits.float() / cfg.temperature
+        return torch.argmax(logits, dim=-1)
+    logits = logits.float() / cfg.temperature  # (n, V)
     if cfg.top_k > 0:
-        k = min(cfg.top_k, logits.numel())
-        kth = torch.topk(logits, k).values[-1]
+        k = min(cfg.top_k, logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[:, -1:]  # (n, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if cfg.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
         # drop tokens once the mass before them already reaches top_p (always keep the first)
-        drop = (cum - torch.softmax(sorted_logits, dim=-1)) >= cfg.top_p
+        drop = (probs.cumsum(-1) - probs) >= cfg.top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: Optional[torch.Generator] = None) -> int:
+    """Pick the next token from fp32 logits (vocab,)."""
+    return int(sample_tokens(logits.reshape(1, -1), cfg, generator)[0])
 
 
 @torch.inference_mode()
-def generate(model, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Optional[SamplingConfig] = None,
-             stop_ids: Iterable[int] = (), on_token: Optional[Callable[[int], None]] = None) -> List[int]:
-    """Generate up to ``max_new_tokens`` after ``prompt_ids``; stop after a token in ``stop_ids``
-    (the stop token is returned too). ``on_token`` is called with each new token as it is made."""
+def generate_batch(model, prompt_ids: Sequence[int], num_samples: int, max_new_tokens: int,
+                   sampling: Optional[SamplingConfig] = None, stop_ids: Iterable[int] = (),
+                   generator: Optional[torch.Generator] = None,
+                   on_step: Optional[Callable[[torch.Tensor], None]] = None) -> List[List[int]]:
+    """``num_samples`` continuations of one prompt, decoded together in one batch with the KV cache.
+
+    Each continuation has up to ``max_new_tokens`` tokens and ends after its first token in
+    ``stop_ids`` (the stop token is returned too). Decoding goes on until every row has stopped,
+    so each step draws from ``generator`` for all rows and a sample does not depend on when the
+    others stop. ``on_step`` is called with each step's (num_samples,) new tokens."""
     sampling = sampling or SamplingConfig()
     prompt_ids = list(prompt_ids)
     if not prompt_ids:
         raise UserError("empty prompt")
     if max_new_tokens < 0:
         raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    total = len(prompt_ids) + max_new_tokens
+    P = len(prompt_ids)
     limit = model.config.max_seq_len
-    if total > limit:
-        raise UserError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of {limit}")
+    if P + max_new_tokens > limit:
+        raise UserError(f"prompt ({P} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context of {limit}")
     if max_new_tokens == 0:
-        return []
+        return [[] for _ in range(num_samples)]
     device = next(model.parameters()).device
+    stop = set(stop_ids)
+    stop_t = torch.tensor(sorted(stop) or [-1], dtype=torch.long)
+    model.setup_cache(num_samples, P + max_new_tokens)
+    try:
+        idx = torch.tensor([prompt_ids] * num_samples, dtype=torch.long, device=device)  # (n, P)
+        logits = model(idx, input_pos=torch.arange(P, device=device), last_only=True)[:, -1]  # (n, V)
+        steps: List[torch.Tensor] = []
+        done = torch.zeros(num_samples, dtype=torch.bool)
+        for t in range(max_new_tokens):
+            nxt = sample_tokens(logits.cpu(), sampling, generator)  # (n,)
+            steps.append(nxt)
+            if on_step is not None:
+                on_step(nxt)
+            done |= torch.isin(nxt, stop_t)
+            if bool(done.all()) or t == max_new_tokens - 1:
+                break
+            logits = model(nxt[:, None].to(device), input_pos=torch.tensor([P + t], device=device),
+                           last_only=True)[:, -1]  # (n, V)
+    finally:
+        model.clear_cache()
+    samples = []
+    for row in torch.stack(steps, dim=1).tolist():  # (n, T)
+        cut = next((i + 1 for i, tok in enumerate(row) if tok in stop), len(row))
+        samples.append(row[:cut])
+    return samples
+
+
+def generate(model, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Optional[SamplingConfig] = None,
+             stop_ids: Iterable[int] = (), on_token: Optional[Callable[[int], None]] = None) -> List[int]:
+    """Generate up to ``max_new_tokens`` after ``prompt_ids``; stop after a token in ``stop_ids``
+    (the stop token is returned too). ``on_token`` is called with each new token as it is made."""
+    sampling = sampling or SamplingConfig()
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device="cpu")
         generator.manual_seed(sampling.seed)
-    stop = set(stop_ids)
-    model.setup_cache(1, total)
-    try:
-        idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-        logits = model(idx, input_pos=torch.arange(len(prompt_ids), device=device), last_only=True)
-        out: List[int] = []
-        pos = len(prompt_ids)
-        while True:
-            tok = sample_next(logits[0, -1].cpu(), sampling, generator)
-            out.append(tok)
-            if on_token is not None:
-                on_token(tok)
-            if tok in stop or len(out) >= max_new_tokens:
-                break
-            idx = torch.tensor([[tok]], dtype=torch.long, device=device)
-            logits = model(idx, input_pos=torch.tensor([pos], device=device), last_only=True)
-            pos += 1
-        return out
-    finally:
-        model.clear_cache()
+    on_step = None if on_token is None else (lambda toks: on_token(int(toks[0])))
+    return generate_batch(model, prompt_ids, 1, max_new_tokens, sampling, stop_ids, generator, on_step)[0]
 
 
 class TextStreamer:

@@ -10,6 +10,7 @@ heads, hd head dim, D d_model.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
@@ -57,22 +58,49 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache(nn.Module):
-    """Static-shape key/value cache (B, nkv, max_len, hd); written at ``input_pos``."""
+    """Key/value cache (B, nkv, max_len, hd), written at ``input_pos``.
 
-    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype):
+    ``static``: every step attends over all ``max_len`` slots (masked), so shapes never change,
+    as a compiled IPU graph needs; the write is then a one-hot blend + ``copy_`` (PopTorch 3.4
+    has no handler for ``index_copy``; buffers are written with ``copy_``, as Graphcore's
+    GPT-2 inference does). Otherwise steps attend over the filled prefix only.
+    """
+
+    def __init__(self, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
+                 static: bool = False):
         super().__init__()
+        self.static = static
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype), persistent=False)
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         # k, v: (B, nkv, T, hd) written at positions input_pos (T,)
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        if not self.static:
+            self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+            self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+            return self.k, self.v
+        S = self.k.shape[2]
+        onehot = input_pos[:, None] == torch.arange(S, device=input_pos.device)[None, :]  # (T, S)
+        written = onehot.any(dim=0)[:, None]                                              # (S, 1)
+        place = onehot.t().to(self.k.dtype)                                               # (S, T)
+        # place @ k puts row t at slot input_pos[t] (exact: one 1 per written row, zeros elsewhere)
+        self.k.copy_(torch.where(written, place @ k.to(self.k.dtype), self.k))             # (B, nkv, S, hd)
+        self.v.copy_(torch.where(written, place @ v.to(self.v.dtype), self.v))
         return self.k, self.v
 
 
 class Attention(nn.Module):
+    """Multi-head attention with grouped-query heads, rotary positions and an optional KV cache.
+
+    The cache mode is explicit (``KVCache.static``, chosen by ``Transformer.setup_cache``):
+
+    * no cache / no ``input_pos``: causal attention over the ``T`` new tokens;
+    * dynamic cache: attend over the ``filled`` cache positions (CPU generation);
+    * static cache: attend over the whole cache, masked, with only ops PopTorch 3.4 lowers
+      (matmul + masked softmax; no ``scaled_dot_product_attention`` or ``repeat_interleave``).
+    """
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -84,36 +112,66 @@ class Attention(nn.Module):
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                input_pos: Optional[torch.Tensor] = None, kv_len: Optional[int] = None) -> torch.Tensor:
+                input_pos: Optional[torch.Tensor] = None, filled: Optional[int] = None) -> torch.Tensor:
+        """``input_pos`` (T,): cache positions of the new tokens (uses the cache);
+        ``filled``: number of valid cache positions (dynamic cache only)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        rep = self.n_heads // self.n_kv_heads
-        if self.kv_cache is not None and input_pos is not None:
+        if self.kv_cache is None or input_pos is None:
+            y = self._attend_causal(q, k, v)
+        elif self.kv_cache.static:
             k_all, v_all = self.kv_cache.update(input_pos, k, v)
-            S = kv_len if kv_len is not None else k_all.shape[2]
-            k, v = k_all[:, :, :S], v_all[:, :, :S]  # (B, nkv, S, hd)
-            if T == 1 and kv_len is not None:
-                # Decode step over the filled prefix: every cached position is visible, so no mask;
-                # the `rep` query heads sharing a k/v head become `rep` query rows (no k/v copy).
-                qg = q.reshape(B, self.n_kv_heads, rep, self.head_dim)  # (B, nkv, rep, hd)
-                y = F.scaled_dot_product_attention(qg, k.to(q.dtype), v.to(q.dtype))  # (B, nkv, rep, hd)
-                return self.o_proj(y.reshape(B, 1, self.n_heads * self.head_dim))
-            # Query at position p sees cache positions <= p (later slots are empty or stale).
-            mask = input_pos[:, None] >= torch.arange(S, device=x.device)[None, :]  # (T, S)
-            causal = False
+            y = self._attend_static(q, k_all, v_all, input_pos)
         else:
-            mask, causal = None, True
+            if filled is None:
+                raise ValueError("a dynamic KV cache needs `filled` (the number of valid positions)")
+            k_all, v_all = self.kv_cache.update(input_pos, k, v)
+            y = self._attend_prefix(q, k_all[:, :, :filled], v_all[:, :, :filled], input_pos)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, nh*hd)
 
-        if rep > 1:  # grouped-query attention: share each k/v head with `rep` query heads
-            k = k.repeat_interleave(rep, dim=1)  # (B, nh, S, hd)
-            v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal and T > 1)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, nh*hd)
-        return self.o_proj(y)
+    def _expand_kv(self, t: torch.Tensor) -> torch.Tensor:
+        """Share each k/v head with its ``rep`` query heads: (B, nkv, S, hd) -> (B, nh, S, hd)."""
+        rep = self.n_heads // self.n_kv_heads
+        if rep == 1:
+            return t
+        B, nkv, S, hd = t.shape
+        return t[:, :, None].expand(B, nkv, rep, S, hd).reshape(B, nkv * rep, S, hd)
+
+    def _attend_causal(self, q, k, v) -> torch.Tensor:
+        k, v = self._expand_kv(k.to(q.dtype)), self._expand_kv(v.to(q.dtype))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)  # (B, nh, T, hd)
+
+    def _attend_prefix(self, q, k, v, input_pos) -> torch.Tensor:
+        B, nh, T, hd = q.shape
+        if T == 1:
+            # Decode step: every cached position is visible, so no mask; the `rep` query heads
+            # sharing a k/v head become `rep` query rows of one matmul (no k/v copy).
+            qg = q.reshape(B, self.n_kv_heads, nh // self.n_kv_heads, hd)  # (B, nkv, rep, hd)
+            y = F.scaled_dot_product_attention(qg, k.to(q.dtype), v.to(q.dtype))  # (B, nkv, rep, hd)
+            return y.reshape(B, nh, 1, hd)
+        # Query at position p sees cache positions <= p.
+        mask = input_pos[:, None] >= torch.arange(k.shape[2], device=q.device)[None, :]  # (T, S)
+        k, v = self._expand_kv(k.to(q.dtype)), self._expand_kv(v.to(q.dtype))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hd)
+
+    def _attend_static(self, q, k, v, input_pos) -> torch.Tensor:
+        """Explicit matmul + masked softmax over the whole static cache (IPU graph)."""
+        B, nh, T, hd = q.shape
+        nkv, S = self.n_kv_heads, k.shape[2]
+        rep = nh // nkv
+        # Fold the `rep` query heads sharing a k/v head into the query rows (no k/v copy).
+        qg = q.reshape(B, nkv, rep * T, hd)                                           # (B, nkv, rep*T, hd)
+        scores = qg.float() @ k.float().transpose(-1, -2) * (1.0 / math.sqrt(hd))     # (B, nkv, rep*T, S)
+        # Query at position p sees cache positions <= p (later slots are empty or stale).
+        visible = input_pos[:, None] >= torch.arange(S, device=q.device)[None, :]     # (T, S)
+        scores = scores.view(B, nkv, rep, T, S).masked_fill(~visible, float("-inf"))  # (B, nkv, rep, T, S)
+        probs = torch.softmax(scores, dim=-1).view(B, nkv, rep * T, S)
+        y = probs.to(v.dtype) @ v                                                     # (B, nkv, rep*T, hd)
+        return y.reshape(B, nh, T, hd).to(q.dtype)
 
 
 class MLP(nn.Module):
@@ -142,8 +200,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                input_pos: Optional[torch.Tensor] = None, kv_len: Optional[int] = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, input_pos, kv_len)
+                input_pos: Optional[torch.Tensor] = None, filled: Optional[int] = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, input_pos, filled)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -157,6 +215,10 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        # True once untie_lm_head_ gave a tied head its own matrix: the dense source stored one
+        # matrix for both (sparse checkpoints record it; the accounting's dense baseline counts it once).
+        self.head_untied = False
+        self.ipu_placement = None  # ipu.pipeline.IpuPlacement while parallelize_ has the model on IPUs
         self.cache_len = 0
         self.static_cache = False
 
@@ -168,7 +230,7 @@ class Transformer(nn.Module):
         device = self.embed.weight.device
         cfg = self.config
         for layer in self.layers:
-            layer.attn.kv_cache = KVCache(batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype).to(device)
+            layer.attn.kv_cache = KVCache(batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, static=static).to(device)
         self.cache_len, self.static_cache = max_len, static
 
     def clear_cache(self) -> None:
@@ -188,19 +250,19 @@ class Transformer(nn.Module):
         is used. With ``input_pos`` (T,) the tokens are written to the KV cache at those positions.
         """
         B, T = idx.shape
+        filled = None
         if input_pos is None:
             positions = torch.arange(T, device=idx.device)
-            kv_len = None
         else:
             if self.cache_len == 0:
                 raise RuntimeError("input_pos given but no KV cache: call setup_cache() first")
             positions = input_pos
-            # static: attend over the whole cache (fixed shapes); dynamic: only the filled prefix
-            kv_len = None if self.static_cache else int(input_pos[-1]) + 1
+            if not self.static_cache:  # a dynamic cache attends over the filled prefix only
+                filled = int(input_pos[-1]) + 1
         cos, sin = self.rope(positions)
         x = self.embed(idx)  # (B, T, D)
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, kv_len)
+            x = layer(x, cos, sin, input_pos, filled)
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]
@@ -218,6 +280,8 @@ class Transformer(nn.Module):
 
     def untie_lm_head_(self) -> "Transformer":
         """Give the LM head its own copy of the embedding matrix (so it can be pruned alone)."""
+        if self.config.tie_embeddings:
+            self.head_untied = True
         if self.lm_head.weight is self.embed.weight:
             self.lm_head.weight = nn.Parameter(self.embed.weight.detach().clone())
         self.config.tie_embeddings = False
@@ -248,3 +312,10 @@ def param_names(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
     return sd
+
+
+def set_module(root: nn.Module, fqn: str, new: nn.Module) -> None:
+    """Replace the submodule ``fqn`` (e.g. ``layers.0.attn.q_proj``) of ``root`` by ``new``."""
+    parent_name, _, child = fqn.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)

@@ -1,4 +1,4 @@
-// PopART custom op "SparseMatMul" (domain ai.graphcore, version 1): y = x W^T with W a static
+// PopART custom op "SparseMatMul" (domain ipu_sparse, version 1): y = x W^T with W a static
 // pointwise (1x1-block) sparse matrix, computed by PopSparse's static sparse-dense matmul.
 //
 // Inputs:  0  x       (N, K)  half or float  -- N tokens, K = cols of W
@@ -18,6 +18,10 @@
 //
 // Everything that changes the compiled program (the pattern hash, shape, nnz) is appended to the
 // IR hash in appendAttributes, so the executable cache never returns a program for a stale pattern.
+//
+// Every popart::/popsparse::/popops:: name used here is declared in the public headers of PopART
+// and PopLibs 3.4 (checked by tests/ipu/test_popart_op_names.py against popart_poplibs_api.json);
+// the poplar:: names it relies on are listed in popart_ops/README.md.
 
 #include <cstdint>
 #include <fstream>
@@ -50,7 +54,14 @@
 
 namespace ipu_sparse {
 
-const popart::OperatorIdentifier SparseMatMulId = {"ai.graphcore", "SparseMatMul", 1};
+// PopSparse's static (compile-time pattern) API lives in popsparse::static_ (SparseTensor.hpp,
+// PlanningCache.hpp); popsparse:: itself declares neither name.
+using StaticSparseTensor = popsparse::static_::SparseTensor;
+using StaticPlanningCache = popsparse::static_::PlanningCache;
+
+// A domain of our own: PopART's custom-op guide says a custom op must never use ai.graphcore.
+// ipu_sparse/ipu/ops.py (OP_DOMAIN, OP_NAME, OP_VERSION) must say the same.
+const popart::OperatorIdentifier SparseMatMulId = {"ipu_sparse", "SparseMatMul", 1};
 
 // ----- pattern file -----------------------------------------------------------------------
 
@@ -196,10 +207,9 @@ private:
     const std::size_t n = static_cast<std::size_t>(op.inInfo(0).dim(0));
     const poplar::Type type = popart::popx::popType(op.inInfo(0));
 
-    static std::set<const poplar::Graph *> withCodelets; // add PopSparse's codelets once per graph
-    auto &top = graph().getTopLevelGraph();
-    if (withCodelets.insert(&top).second)
-      popsparse::addCodelets(top);
+    // PopSparse's codelets, added to the graph this op grows into (as Graphcore's own PopSparse
+    // custom op does); no process-wide record keyed by graph address, which a later graph could reuse.
+    popsparse::addCodelets(graph());
 
     // Values = their own CSR positions (double: exact for any nnz), so the partitioner's device
     // order tells where each CSR value lives on the device.
@@ -208,7 +218,7 @@ private:
       position[i] = static_cast<double>(i);
     popsparse::CSRMatrix<double> csr(rows, cols, position, pat.colIdx, pat.rowPtr); // 1x1 blocks
     auto params = popsparse::static_::MatMulParams::createForSparseDense(1, rows, cols, n);
-    sparse_ = std::make_unique<popsparse::SparseTensor>(popsparse::static_::createSparseDenseMatMulLHS<double>(
+    sparse_ = std::make_unique<StaticSparseTensor>(popsparse::static_::createSparseDenseMatMulLHS<double>(
         graph(), type, params, csr, {dnai, "sparseLHS"}, options(), &cache_));
     popsparse::static_::Partitioner<double> partitioner(params, type, graph().getTarget(), options(), &cache_);
     const std::vector<double> deviceOrder = partitioner.createSparsityDataImpl(csr).nzValues;
@@ -249,10 +259,10 @@ private:
       padding_ = poplar::concat(pad);
   }
 
-  mutable std::unique_ptr<popsparse::SparseTensor> sparse_;
+  mutable std::unique_ptr<StaticSparseTensor> sparse_;
   mutable poplar::Tensor csrView_;
   mutable poplar::Tensor padding_;
-  mutable popsparse::PlanningCache cache_;
+  mutable StaticPlanningCache cache_;
 };
 
 // ----- registration (static creators run when the library is loaded with ctypes) -----------

@@ -17,10 +17,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from ipu_sparse.generate import generate  # noqa: E402
-from ipu_sparse.loading import load_model  # noqa: E402
+from ipu_sparse.generate import generate
+from ipu_sparse.loading import load_model
 
 
 def timed(fn):

@@ -1,10 +1,11 @@
 """Pruning results on SmolLM2-135M: methods x sparsity, WikiText-2 ppl, LAMBADA acc, pruning time.
 
 Resumable: every finished row is cached in the JSON (rerun to continue; --redo NAME to redo one).
-Rows run in priority order (the ones the targets need first). Each row holds the shared heavy-run
-lock (/tmp/ipu_sparse_heavy.lock) while it runs, so timings are not shared with other heavy jobs;
-the load average is recorded next to each time, and so is the process CPU time (less sensitive
-to other users of the cores than wall time).
+Rows run in priority order (the ones the targets need first). With --lock FILE each row holds that
+lock file while it runs, so that heavy jobs sharing it do not overlap with its timings; the load
+average is recorded next to each time, and so is the process CPU time (less sensitive to other
+users of the cores than wall time). Concurrent runs on the same JSON merge their rows (under the
+lock file .<json name>.lock beside it).
 
     .venv/bin/python scripts/bench_prune.py                      # every row not yet in the JSON
     .venv/bin/python scripts/bench_prune.py --only dense,sparsegpt-50,sparsegpt-80
@@ -20,14 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+from ipu_sparse.fileio import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from ipu_sparse.checkpoint import atomic_write_text  # noqa: E402
-
-LOCK = "/tmp/ipu_sparse_heavy.lock"
-
-# name -> prune_ keyword arguments (None = dense). Order = priority.
+# name -> PruneConfig fields (None = dense). Order = priority.
 IMPROVED = dict(method="sparsegpt", owl=True, refit_iters=20, dense_target=True)
 ROWS = [
     ("dense", None),
@@ -69,7 +67,7 @@ def run_row(name, kw, args):
     from ipu_sparse.eval.perplexity import wikitext2_ppl
     from ipu_sparse.eval.zeroshot import evaluate_task
     from ipu_sparse.loading import load_model
-    from ipu_sparse.prune import prune_
+    from ipu_sparse.prune import PruneConfig, prune_
 
     torch.set_num_threads(args.threads)
     lm = load_model("smollm2-135m")
@@ -77,10 +75,8 @@ def run_row(name, kw, args):
     if kw is not None:
         load0 = os.getloadavg()[0]
         t0, c0 = time.time(), time.process_time()
-        kw = dict(kw)
-        seed = kw.pop("seed", 0)
-        out = prune_(lm.model, tokenizer=lm.tokenizer, nsamples=args.nsamples, seq_len=args.seq_len, seed=seed,
-                     cache_dir=args.cache, progress=True, **kw)
+        config = PruneConfig(**{"nsamples": args.nsamples, "seq_len": args.seq_len, **kw})
+        out = prune_(lm.model, config, tokenizer=lm.tokenizer, cache_dir=args.cache)
         row["prune_wall_s"] = time.time() - t0
         row["prune_cpu_s"] = time.process_time() - c0
         row["load_avg"] = [load0, os.getloadavg()[0]]
@@ -187,8 +183,8 @@ def main():
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", default=os.path.expanduser("~/.cache/ipu_sparse"))
-    ap.add_argument("--no-lock", dest="lock", action="store_false",
-                    help="do not take the shared heavy-run lock (recorded in the row)")
+    ap.add_argument("--lock", default=None, metavar="FILE",
+                    help="hold this lock file while each row runs (one shared by heavy jobs; recorded in the row)")
     ap.add_argument("--save", default="", help="comma list of rows whose pruned model is saved under "
                     "CACHE/pruned/ROW (a dense checkpoint with exact zeros, for recovery)")
     ap.add_argument("--report-only", action="store_true", help="only rebuild the table and plot from the JSON")
@@ -208,7 +204,7 @@ def main():
         for name, kw in [(n, rows[n]) for n in only]:  # --only order, else priority order
             if name in results and name not in redo:
                 continue
-            with open(LOCK if args.lock else os.devnull, "w") as lock:
+            with open(args.lock or os.devnull, "w") as lock:
                 if args.lock:
                     fcntl.flock(lock, fcntl.LOCK_EX)
                 if out_json.is_file() and name not in redo and name in json.loads(out_json.read_text()):
@@ -217,7 +213,7 @@ def main():
                 results[name] = run_row(name, kw, args)
                 # IPU_SPARSE_LOCK_HELD=1: a wrapper holds the lock for a whole chain of runs
                 results[name]["heavy_lock"] = bool(args.lock or os.environ.get("IPU_SPARSE_LOCK_HELD"))
-            with open(f"/tmp/{out_json.name}.lock", "w") as jl:  # concurrent runs merge their rows
+            with open(out_json.parent / f".{out_json.name}.lock", "w") as jl:  # concurrent runs merge their rows
                 fcntl.flock(jl, fcntl.LOCK_EX)
                 save(results, out_json, name)
             print(json.dumps({k: v for k, v in results[name].items() if k != "per_layer_sparsity"}), flush=True)

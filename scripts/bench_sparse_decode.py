@@ -28,14 +28,12 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from ipu_sparse.generate import generate  # noqa: E402
-from ipu_sparse.loading import load_model  # noqa: E402
-from ipu_sparse.sparse import kernels  # noqa: E402
-from ipu_sparse.sparse.accounting import account, rows_from_model  # noqa: E402
-from ipu_sparse.sparse.commands import magnitude_prune_  # noqa: E402
-from ipu_sparse.sparse.linear import SparseConfig, sparsify_  # noqa: E402
+from ipu_sparse.generate import generate
+from ipu_sparse.loading import load_model
+from ipu_sparse.prune import magnitude_prune_
+from ipu_sparse.sparse import kernels
+from ipu_sparse.sparse.accounting import account, rows_from_model
+from ipu_sparse.sparse.linear import SparseConfig, sparsify_
 
 PROMPT = "Explain in a few sentences why the sky is blue and why sunsets are red."
 

@@ -24,10 +24,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from ipu_sparse.sparse import kernels  # noqa: E402
-from ipu_sparse.sparse.formats import format_nbytes, from_dense  # noqa: E402
+from ipu_sparse.sparse import kernels
+from ipu_sparse.sparse.formats import format_nbytes, from_dense
 
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]
 

@@ -16,17 +16,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
+from ipu_sparse.config import get_preset
+from ipu_sparse.errors import UserError
+from ipu_sparse.ipu import hardware as hw
+from ipu_sparse.ipu.planner import PlanConfig, make_plan, plan_or_raise
+from ipu_sparse.ipu.report import compare_dense_sparse, format_table
+from ipu_sparse.ipu.simulate import format_simulation, simulate
+from ipu_sparse.prune import magnitude_prune_
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from ipu_sparse.config import get_preset  # noqa: E402
-from ipu_sparse.errors import UserError  # noqa: E402
-from ipu_sparse.ipu import hardware as hw  # noqa: E402
-from ipu_sparse.ipu.planner import PlanConfig, make_plan, plan_or_raise  # noqa: E402
-from ipu_sparse.ipu.report import compare_dense_sparse, format_table  # noqa: E402
-from ipu_sparse.ipu.simulate import format_simulation, magnitude_prune_, simulate  # noqa: E402
 
 
 def write(path: Path, text: str) -> None:
@@ -107,7 +107,7 @@ def simulations(out: Path, prompt_len: int) -> dict:
     res_all = {}
     for n in (4, 16):
         model = copy.deepcopy(lm.model)
-        magnitude_prune_(model, 0.8)
+        magnitude_prune_(model, 0.8, scope="row")
         plan = make_plan(PlanConfig(model.config, n_ipus=n, sparsity=0.8, kv_len=2048))
         res = simulate(model, plan, idx, repeats=3)
         assert res["max_abs_diff_vs_plain"] <= 1e-3, res["max_abs_diff_vs_plain"]

@@ -1,13 +1,19 @@
-"""``ipu-sparse eval``: perplexity (WikiText-2, any text file) and zero-shot tasks."""
+"""``ipu-sparse eval``: perplexity (WikiText-2, any text file) and zero-shot tasks.
+
+Handlers import the modules they run (models, loaders, kernels) inside the function, so
+`ipu-sparse --help` and argument errors stay fast; everything else is imported at the top.
+"""
 from __future__ import annotations
 
 import json
 import sys
 
+from ..commands import add_model_args, load_for_cli
+from ..errors import UserError
+from ..fileio import atomic_write_text, check_output_path
+
 
 def register(sub) -> None:
-    from ..commands import add_model_args
-
     p = sub.add_parser("eval", help="perplexity (WikiText-2 / a text file) and zero-shot accuracy",
                        description="Evaluate a preset, .gguf file or checkpoint directory. With no selection, "
                                    "WikiText-2 perplexity is measured.")
@@ -27,10 +33,6 @@ def register(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from ..checkpoint import atomic_write_text
-
-    from ..commands import load_for_cli
-    from ..errors import UserError
     from .zeroshot import TASKS
 
     tasks = []
@@ -45,13 +47,12 @@ def cmd_eval(args) -> int:
         if not Path(args.text).is_file():
             raise UserError(f"{args.text}: text file not found")
     if args.json:
-        from pathlib import Path
-
-        if Path(args.json).exists() and not args.overwrite:
-            raise UserError(f"{args.json}: already exists (pass --overwrite to replace it)")
+        check_output_path(args.json, args.overwrite, directory=False)
     want_wt2 = args.wikitext2 or (not args.text and not tasks)
     lm = load_for_cli(args)
     model, tok = lm.model, lm.tokenizer
+    if want_wt2 or args.text:
+        model.config.check_context(args.seq_len, "--seq-len")
     results = {"model": args.model, "settings": {"seq_len": args.seq_len, "max_windows": args.max_windows,
                                                   "limit": args.limit, "dtype": args.dtype, "tasks": tasks}}
     if lm.meta and "pruning" in lm.meta:

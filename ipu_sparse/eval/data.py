@@ -11,18 +11,21 @@ WIKITEXT2_TEST = "wikitext-2/wiki.test.raw"
 WIKITEXT2_VALID = "wikitext-2/wiki.valid.tokens"
 
 
+DATA_ENV = "IPU_SPARSE_DATA"
+DEFAULT_DATA_ROOT = "../shared/data"
+
+
 def data_root() -> Path:
-    """``$IPU_SPARSE_DATA`` or ``../shared/data`` next to the repository root."""
-    env = os.environ.get("IPU_SPARSE_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    """Where a data file the user did not name is read from: ``$IPU_SPARSE_DATA``, else
+    ``../shared/data`` relative to the working directory (the documented default, for runs
+    from the repository checkout). The one place a default data location is decided."""
+    return Path(os.environ.get(DATA_ENV) or DEFAULT_DATA_ROOT)
 
 
 def data_path(path: Optional[str], default_rel: str) -> Path:
     p = Path(path) if path else data_root() / default_rel
     if not p.is_file():
-        raise UserError(f"{p}: data file not found" + ("" if path else " (pass a path, or set IPU_SPARSE_DATA)"))
+        raise UserError(f"{p}: data file not found" + ("" if path else f" (pass a path, or set {DATA_ENV})"))
     return p
 
 

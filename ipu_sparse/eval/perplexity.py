@@ -85,8 +85,16 @@ def windows_ppl(model, ids: List[int], seq_len: int = 512, max_windows: Optional
             total += float(-token_logprobs(model, data[s:s + batch_size]).double().sum())
     count = n * (seq_len - 1)
     nll = total / count
-    return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=count, windows=n, seq_len=seq_len,
+    return PerplexityResult(ppl=ppl_from_nll(nll), nll=nll, tokens=count, windows=n, seq_len=seq_len,
                             source=source, seconds=time.time() - t0)
+
+
+def ppl_from_nll(nll: float) -> float:
+    """exp(mean NLL); ``inf`` where that overflows a float (a broken model), never an exception."""
+    try:
+        return math.exp(nll)
+    except OverflowError:
+        return float("inf")
 
 
 def wikitext2_ids(tokenizer, path: Optional[str] = None) -> List[int]:

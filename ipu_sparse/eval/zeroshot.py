@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import bz2
 import json
-import math
 import re
 import sys
 import time
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from .data import data_path
+from .perplexity import hidden_states, ppl_from_nll
 
 TASKS = ("lambada", "hellaswag", "piqa", "arc_easy", "winogrande")
 TASK_FILES = {
@@ -54,8 +54,6 @@ def loglikelihood(model, tokenizer, requests: Sequence[Tuple[str, str]], batch_s
                   progress: bool = True, desc: str = "scoring") -> List[Tuple[float, bool]]:
     """(sum log p(continuation | context), continuation is the greedy output) per request."""
     from tqdm import tqdm
-
-    from .perplexity import hidden_states
 
     max_len = int(model.config.max_seq_len)
     device = model.embed.weight.device
@@ -168,7 +166,7 @@ def evaluate_task(model, tokenizer, task: str, limit: Optional[int] = None, batc
         res = loglikelihood(model, tokenizer, [(it["context"], it["continuation"]) for it in items], batch_size,
                             progress, desc=task)
         out["acc"] = sum(g for _, g in res) / len(res)
-        out["ppl"] = math.exp(-sum(ll for ll, _ in res) / len(res))
+        out["ppl"] = ppl_from_nll(-sum(ll for ll, _ in res) / len(res))
     elif task == "winogrande":
         reqs, spans = [], []
         for it in items:

@@ -1,4 +1,9 @@
-"""IPU subcommands: plan (memory per IPU), simulate (staged CPU run + estimates), ipu-generate."""
+"""IPU subcommands: plan (memory per IPU), simulate (staged CPU run + estimates), ipu-generate,
+ipu-check (the op-coverage gate: what PopTorch 3.4 could not lower in the ipu-generate graph).
+
+Handlers import the modules they run (models, loaders, kernels) inside the function, so
+`ipu-sparse --help` and argument errors stay fast; everything else is imported at the top.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +11,9 @@ import json
 import sys
 from pathlib import Path
 
+from ..config import PRESETS, get_preset
 from ..errors import UserError
+from ..fileio import atomic_write_text, check_output_path
 
 
 def _int_list(text: str, what: str):
@@ -61,8 +68,6 @@ def plan_config_from_args(args, cfg):
 
 
 def write_json(path, data, overwrite: bool) -> None:
-    from ..checkpoint import atomic_write_text
-
     atomic_write_text(path, json.dumps(data, indent=1, default=str), overwrite)
 
 
@@ -91,16 +96,30 @@ def register(sub) -> None:
     add_plan_args(p, "smollm2-135m", 1)
     p.add_argument("--prompt", default="The capital of France is")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--mode", default="sharded", choices=("sharded", "pipelined"))
-    p.add_argument("--compile-only", action="store_true", help="compile for an offline Mk2 target and export")
+    add_strategy_arg(p)
+    p.add_argument("--compile-only", action="store_true",
+                   help="compile (offline Mk2 target when no IPU is attached), fill the executable cache, export")
     p.add_argument("--work-dir", default="out/ipu", help="patterns, initializers, exported executable")
     p.add_argument("--executable-cache", default=None, help="PopTorch executable cache directory")
     p.set_defaults(func=cmd_ipu_generate)
 
+    p = sub.add_parser("ipu-check", help="build the IPU graph as ipu-generate would and list every op "
+                                         "PopTorch 3.4 could not lower (CPU only; exit 1 if any)")
+    add_plan_args(p, "smollm2-135m", 1)
+    add_strategy_arg(p)
+    p.add_argument("--replicas", type=int, default=1, help="replicas per process to check the input split for")
+    p.add_argument("--random-init", action="store_true", help="random weights instead of loading the checkpoint")
+    p.add_argument("--work-dir", default=None, help="where pattern files go (default: a temporary directory)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_ipu_check)
+
+
+def add_strategy_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strategy", "--mode", dest="strategy", default="sharded", choices=("sharded", "pipelined"),
+                   help="PopTorch execution strategy (default: sharded, as generation uses)")
+
 
 def _config(name: str):
-    from ..config import PRESETS, get_preset
-
     if name in PRESETS:
         return get_preset(name)
     if Path(name).exists():
@@ -111,9 +130,11 @@ def _config(name: str):
 
 
 def cmd_plan(args) -> int:
-    from .planner import _fmt, check_fits
+    from .planner import fmt_bytes, check_fits
     from .report import compare_dense_sparse, format_table
 
+    if args.json:
+        check_output_path(args.json, args.overwrite, directory=False)
     pc = plan_config_from_args(args, _config(args.model))
     cmp = compare_dense_sparse(pc)
     plan = cmp["sparse_plan"]
@@ -121,11 +142,11 @@ def cmd_plan(args) -> int:
     if pc.fmt != "dense":
         dense = cmp["dense_plan"]
         worst = max(dense.ipus, key=lambda a: -a.free)
-        print(f"dense {pc.dtype}: weights {_fmt(cmp['dense_weight_bytes'])}, planned {_fmt(cmp['dense_total_bytes'])} "
-              f"vs {_fmt(cmp['capacity_bytes'])} on chip -> {'FITS' if cmp['dense_fits'] else 'DOES NOT FIT'}"
-              + ("" if cmp["dense_fits"] else f" (worst: IPU{worst.ipu} {_fmt(-worst.free)} over)"))
-        print(f"sparse ({pc.fmt}): weights {_fmt(cmp['sparse_weight_bytes'])} = {cmp['weight_ratio']:.1%} of dense; "
-              f"planned total {_fmt(cmp['sparse_total_bytes'])} = {cmp['total_ratio']:.1%} of dense's "
+        print(f"dense {pc.dtype}: weights {fmt_bytes(cmp['dense_weight_bytes'])}, planned {fmt_bytes(cmp['dense_total_bytes'])} "
+              f"vs {fmt_bytes(cmp['capacity_bytes'])} on chip -> {'FITS' if cmp['dense_fits'] else 'DOES NOT FIT'}"
+              + ("" if cmp["dense_fits"] else f" (worst: IPU{worst.ipu} {fmt_bytes(-worst.free)} over)"))
+        print(f"sparse ({pc.fmt}): weights {fmt_bytes(cmp['sparse_weight_bytes'])} = {cmp['weight_ratio']:.1%} of dense; "
+              f"planned total {fmt_bytes(cmp['sparse_total_bytes'])} = {cmp['total_ratio']:.1%} of dense's "
               f"-> {'FITS' if cmp['sparse_fits'] else 'DOES NOT FIT'}")
     if args.json:
         data = plan.to_dict()
@@ -138,7 +159,6 @@ def cmd_plan(args) -> int:
 def _load_for_simulation(args):
     import torch
 
-    from ..config import PRESETS, get_preset
     from ..model import build_model
 
     if args.random_init or (args.model in PRESETS and args.model.startswith("tiny")):
@@ -153,11 +173,15 @@ def _load_for_simulation(args):
 def cmd_simulate(args) -> int:
     import torch
 
+    from ..prune.magnitude import magnitude_prune_
     from .planner import make_plan
-    from .simulate import format_simulation, magnitude_prune_, simulate, tokens_for
+    from .simulate import format_simulation, simulate, tokens_for
 
+    if args.json:
+        check_output_path(args.json, args.overwrite, directory=False)
     torch.set_num_threads(max(1, args.threads))
     model, tokenizer = _load_for_simulation(args)
+    model.config.check_context(args.prompt_len, "--prompt-len")
     args.kv_len = args.kv_len or min(model.config.max_seq_len, 2048)
     pc = plan_config_from_args(args, model.config)
     plan = make_plan(pc)
@@ -165,7 +189,7 @@ def cmd_simulate(args) -> int:
     if sparsity is None:
         raise UserError("simulate prunes uniformly: give one --sparsity value")
     if pc.fmt != "dense":
-        magnitude_prune_(model, sparsity)
+        magnitude_prune_(model, sparsity, scope="row")
     idx = tokens_for(model.config, tokenizer, "The quick brown fox jumps over the lazy dog. " * 8, args.prompt_len)
     torch.manual_seed(args.seed)
     res = simulate(model, plan, idx, sparse_ops=pc.fmt != "dense")
@@ -181,30 +205,85 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def load_for_ipu(args, random_init: bool = False):
+    """The model (and tokenizer) as the IPU commands use it: untied head for --sparse-head."""
+    import torch
+
+    from ..model import build_model
+
+    if random_init or (args.model in PRESETS and args.model.startswith("tiny")):
+        model, tokenizer = build_model(get_preset(args.model), seed=getattr(args, "seed", 0)), None
+    else:
+        from ..loading import load_model
+
+        print(f"loading {args.model} ...", file=sys.stderr)
+        lm = load_model(args.model, dtype=torch.float32)
+        model, tokenizer = lm.model, lm.tokenizer
+    if args.sparse_head and model.config.tie_embeddings:
+        model.untie_lm_head_()  # a sparse head needs its own matrix (the embedding stays dense)
+    return model, tokenizer
+
+
+def cmd_ipu_check(args) -> int:
+    import tempfile
+
+    from .check import check_ipu_graph
+    from .planner import make_plan
+
+    model, _ = load_for_ipu(args, random_init=args.random_init)
+    args.kv_len = args.kv_len or min(model.config.max_seq_len, 2048)
+    args.seq_len = args.seq_len or 1
+    pc = plan_config_from_args(args, model.config)
+    plan = make_plan(pc)  # the check does not need the plan to fit, only its placement
+    if pc.fmt != "dense":
+        from ..prune.magnitude import magnitude_prune_
+
+        sparsity = pc.layer_sparsity()
+        if len(set(sparsity)) != 1:
+            raise UserError("ipu-check prunes uniformly: give one --sparsity value")
+        magnitude_prune_(model, sparsity[0], include_head=pc.sparse_head)  # zeros where the plan puts them
+    with tempfile.TemporaryDirectory(prefix="ipu-check-") as tmp:
+        res = check_ipu_graph(model, plan, args.work_dir or tmp, strategy=args.strategy,
+                              replication_factor=args.replicas)
+    r = res.report
+    print(f"ipu-check: {pc.model.name}, {pc.n_ipus} IPUs, {args.strategy}, format {pc.fmt}, sparsity {pc.sparsity}"
+          f"{', sparse head' if pc.sparse_head else ''}; {len(plan.stages)} stages; inputs of {res.rows} rows "
+          f"(batch {pc.batch} x deviceIterations {res.device_iterations} x replicas {res.replicas}); "
+          f"decode steps at positions {res.step_positions}")
+    print(r.format())
+    for p in res.plan_problems:
+        print(f"PLAN MISMATCH {p}")
+    n_bad = len(r.unlowerable) + len(r.problems) + len(res.plan_problems)
+    print(f"ipu-check: {'OK' if res.ok else 'FAILED'}: {len(r.unlowerable)} unsupported ops, "
+          f"{len(r.problems)} custom-op problems, {len(res.plan_problems)} plan mismatches"
+          f"{'' if plan.fits else ' (note: this plan does not fit; see ipu-sparse plan)'}")
+    return 0 if n_bad == 0 else 1
+
+
 def cmd_ipu_generate(args) -> int:
-    from ..commands import load_for_cli
     from .generate import compile_for_ipu, generate_ids, release
-    from .ops import to_ipu_sparse_
-    from .pipeline import import_poptorch
+    from .options import init_popdist
+    from .pipeline import built_vs_plan, import_poptorch
     from .planner import plan_or_raise
 
     poptorch = import_poptorch()
-    args.dtype, args.threads = "float32", None
-    lm = load_for_cli(args)
-    model = lm.model
+    popdist = init_popdist()
+    model, tokenizer = load_for_ipu(args)
     args.kv_len = args.kv_len or model.config.max_seq_len
     plan = plan_or_raise(plan_config_from_args(args, model.config))
-    if args.fmt != "dense":
-        to_ipu_sparse_(model)  # weights must already hold exact zeros (a pruned checkpoint)
-    executor, step = compile_for_ipu(model, plan, args.work_dir, mode=args.mode, compile_only=args.compile_only,
-                                     executable_cache=args.executable_cache, poptorch=poptorch)
-    if args.compile_only:
-        print(f"compiled for an offline Mk2 target: {Path(args.work_dir) / 'decode.popef'}")
-        return 0
+    executor, step, rows = compile_for_ipu(model, plan, args.work_dir, mode=args.strategy,
+                                           compile_only=args.compile_only, executable_cache=args.executable_cache,
+                                           poptorch=poptorch, popdist=popdist)
     try:
-        ids = generate_ids(executor, lm.tokenizer.encode(args.prompt), args.max_new_tokens, plan.config.kv_len,
-                           batch=plan.config.batch, eos_id=getattr(lm.tokenizer, "eos_id", None))
-        print(lm.tokenizer.decode(ids))
+        problems = built_vs_plan(model, plan, model.ipu_placement.blocks)
+        if problems:
+            raise UserError("the built model differs from the plan: " + "; ".join(problems))
+        if args.compile_only:
+            print(f"compiled: {Path(args.work_dir) / 'decode.popef'}")
+            return 0
+        ids = generate_ids(executor, tokenizer.encode(args.prompt), args.max_new_tokens, plan.config.kv_len,
+                           rows=rows, eos_id=getattr(tokenizer, "eos_id", None))
+        print(tokenizer.decode(ids))
     finally:
         release(executor, model, poptorch=poptorch)
     return 0

@@ -1,5 +1,6 @@
 """Bytes of each placeable unit of a model: sparse storage (CSR16 + PopSparse work lists),
-dense parts, static KV cache and peak activations. Pure arithmetic over ``ModelConfig``; used by
+dense parts, static KV cache and peak activations. Pure arithmetic over ``ModelConfig`` (projection
+shapes from ``ModelConfig.layer_projections``, csr16 bytes from ``formats.CSR16``); used by
 ``planner`` (placement) and ``simulate`` (estimates).
 """
 from __future__ import annotations
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 from ..config import ModelConfig
+from ..sparse.formats import CSR16
 from . import hardware as hw
 
 VALUE_BYTES = {"fp16": 2, "fp32": 4}
@@ -17,32 +19,15 @@ MAX_UNIT_FRACTION = 0.5  # auto shard size: an embedding/head slice takes at mos
 
 # ----- sparse storage bytes ------------------------------------------------------------------
 
-def csr16_nbytes_analytic(rows: int, cols: int, nnz: int, value_bytes: int) -> Dict[str, int]:
-    """CSR with 16-bit column indices (PopSparse's host format, 1x1 blocks): values, one 2-byte
-    column index per non-zero (4 bytes when cols > 65536), int32 row pointers."""
-    index_bytes = 2 if cols <= 65536 else 4
-    return {"values": nnz * value_bytes, "indices": nnz * index_bytes, "row_ptr": (rows + 1) * 4}
-
-
-def _shared_format_nbytes():
-    """``ipu_sparse.sparse.formats.format_nbytes`` when that module is present, else None."""
-    try:
-        from ..sparse.formats import format_nbytes
-    except ImportError:
-        return None
-    return format_nbytes
+STORAGE_FORMULA = ("ipu_sparse.sparse.formats.format_nbytes('csr16', ...) "
+                   "(values + 2-byte column index + int32 row pointers)")  # recorded in the plan JSON
 
 
 def csr16_nbytes(rows: int, cols: int, nnz: int, value_bytes: int) -> Dict[str, int]:
-    """CSR16 storage, itemised. Uses the sparse-storage module's byte count (the format the
-    checkpoints use) when available; the analytic formula otherwise (and for > 65536 columns)."""
-    format_nbytes = _shared_format_nbytes()
-    if format_nbytes is None or cols > 65536:
-        return csr16_nbytes_analytic(rows, cols, nnz, value_bytes)
-    total = format_nbytes("csr16", rows, cols, nnz, value_bytes)
-    parts = {"values": nnz * value_bytes, "row_ptr": (rows + 1) * 4}
-    parts["indices"] = total - parts["values"] - parts["row_ptr"]
-    return parts
+    """CSR16 storage (PopSparse's host format, 1x1 blocks), itemised: the csr16 format's own byte count
+    (values, one 2-byte column index per non-zero -- 4 bytes beyond 65536 columns --, int32 row pointers)."""
+    parts = CSR16.byte_parts(rows, cols, nnz, value_bytes)
+    return {"values": parts["values"], "row_ptr": parts["row_ptr"], "indices": parts["col_idx"]}
 
 
 def sparse_matrix_bytes(rows: int, cols: int, nnz: int, value_bytes: int) -> Dict[str, int]:
@@ -51,13 +36,6 @@ def sparse_matrix_bytes(rows: int, cols: int, nnz: int, value_bytes: int) -> Dic
     parts["worklists"] = int(parts["indices"] * hw.SPARSE_WORKLIST_OVERHEAD)
     parts["dense"] = 0
     return parts
-
-
-def _storage_formula() -> str:
-    """Which byte formula is in use (recorded in the plan JSON)."""
-    if _shared_format_nbytes() is not None:
-        return "ipu_sparse.sparse.formats.format_nbytes('csr16', ...) (values + 2-byte column index + int32 row pointers)"
-    return "planner.csr16_nbytes_analytic (values + 2-byte column index per nnz + int32 row pointers)"
 
 
 # ----- units ---------------------------------------------------------------------------------
@@ -85,28 +63,10 @@ class Unit:
         return self.weight_bytes + self.kv_bytes + self.act_bytes
 
 
-def layer_matrices(cfg: ModelConfig) -> List[Tuple[str, int, int]]:
-    """(name, rows=out_features, cols=in_features) of one decoder layer's projections."""
-    d, hd = cfg.d_model, cfg.head_dim
-    mats = [("attn.q_proj", cfg.n_heads * hd, d), ("attn.k_proj", cfg.n_kv_heads * hd, d),
-            ("attn.v_proj", cfg.n_kv_heads * hd, d), ("attn.o_proj", d, cfg.n_heads * hd)]
-    if cfg.mlp == "swiglu":
-        mats += [("mlp.gate_proj", cfg.d_ff, d), ("mlp.up_proj", cfg.d_ff, d), ("mlp.down_proj", d, cfg.d_ff)]
-    else:
-        mats += [("mlp.up_proj", cfg.d_ff, d), ("mlp.down_proj", d, cfg.d_ff)]
-    return mats
-
-
 def _layer_small_params(cfg: ModelConfig) -> int:
     """Norm weights and biases of one layer (kept dense)."""
-    d, hd = cfg.d_model, cfg.head_dim
-    norm = d if cfg.norm == "rmsnorm" else 2 * d
-    n = 2 * norm
-    if cfg.attn_bias:
-        n += cfg.n_heads * hd + 2 * cfg.n_kv_heads * hd + d
-    if cfg.mlp_bias:
-        n += (2 * cfg.d_ff if cfg.mlp == "swiglu" else cfg.d_ff) + d
-    return n
+    norm = cfg.d_model if cfg.norm == "rmsnorm" else 2 * cfg.d_model
+    return 2 * norm + sum(rows for _, rows, _, bias in cfg.layer_projections() if bias)
 
 
 def _layer_act_bytes(pc) -> int:
@@ -145,7 +105,7 @@ def build_units(pc) -> List[Unit]:
     for i in range(cfg.n_layers):
         parts = {"values": 0, "indices": 0, "row_ptr": 0, "worklists": 0, "dense": small * vb}
         nnz = mparams = 0
-        for _, rows, cols in layer_matrices(cfg):
+        for _, rows, cols, _ in cfg.layer_projections():
             mparams += rows * cols
             if pc.fmt == "dense":
                 parts["dense"] += rows * cols * vb

@@ -4,7 +4,7 @@
 exposing ``to_csr() -> (row_ptr, col_idx, values)``). Inside ``forward``:
 
 * on IPU (``poptorch.isRunningOnIpu()``): ``poptorch.custom_op([x, values], "SparseMatMul",
-  "ai.graphcore", 1, ...)``. The non-zero values are a *weight input* (a Parameter), so they
+  "ipu_sparse", 1, ...)`` (a domain of our own: PopART's custom-op guide forbids ``ai.graphcore``). The non-zero values are a *weight input* (a Parameter), so they
   live in the initializer file, not in the ONNX protobuf (capped at 2 GB). The pattern (row
   pointers + column indices) is written out of band by ``export_patterns_`` and passed as a
   file path plus a content hash; the C++ op (``popart_ops/``) compiles it into the program.
@@ -20,7 +20,6 @@ import hashlib
 import os
 import struct
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Optional, Tuple
@@ -29,24 +28,20 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ..errors import UserError
+from ..fileio import atomic_write_bytes
+from ..model import set_module
+from ..sparse.formats import check_csr, csr_from_dense
+from .opcheck import active_tracer
+
 PATTERN_MAGIC = b"IPUSPAT1"
 PATTERN_VERSION = 1
-OP_NAME, OP_DOMAIN, OP_VERSION = "SparseMatMul", "ai.graphcore", 1
+OP_NAME, OP_DOMAIN, OP_VERSION = "SparseMatMul", "ipu_sparse", 1  # must match SparseMatMulId in popart_ops/
 
 
 def running_on_ipu() -> bool:
     poptorch = sys.modules.get("poptorch")
     return bool(poptorch is not None and poptorch.isRunningOnIpu())
-
-
-def csr_from_dense(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(row_ptr int32 (rows+1,), col_idx int32 (nnz,), values (nnz,)) of the exact non-zeros."""
-    w = weight.detach()
-    mask = w != 0
-    row_ptr = torch.zeros(w.shape[0] + 1, dtype=torch.int64)
-    row_ptr[1:] = mask.sum(dim=1).cumsum(0)
-    col_idx = mask.nonzero(as_tuple=False)[:, 1]  # row-major order = CSR order
-    return row_ptr.to(torch.int32), col_idx.to(torch.int32), w[mask].clone()
 
 
 class IpuSparseLinear(nn.Module):
@@ -58,9 +53,7 @@ class IpuSparseLinear(nn.Module):
                  shape: Tuple[int, int], bias: Optional[torch.Tensor] = None):
         super().__init__()
         rows, cols = int(shape[0]), int(shape[1])
-        if row_ptr.numel() != rows + 1 or int(row_ptr[-1]) != values.numel() or col_idx.numel() != values.numel():
-            raise ValueError(f"inconsistent CSR: rows {rows}, row_ptr {row_ptr.numel()}, "
-                             f"col_idx {col_idx.numel()}, values {values.numel()}")
+        check_csr(row_ptr, col_idx, values.numel(), (rows, cols), where="IpuSparseLinear")  # FormatError (ValueError)
         self.out_features, self.in_features = rows, cols
         self.register_buffer("row_ptr", row_ptr.to(torch.int32).clone())
         self.register_buffer("col_idx", col_idx.to(torch.int32).clone())
@@ -107,7 +100,16 @@ class IpuSparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (N, K)
-        y = self._ipu_matmul(x2) if running_on_ipu() else self._reference_matmul(x2)  # (N, M)
+        if running_on_ipu():
+            y = self._ipu_matmul(x2)  # (N, M)
+        else:
+            tracer = active_tracer()
+            if tracer is None:
+                y = self._reference_matmul(x2)
+            else:  # ipu-check: record the custom-op call an IPU would make; its CPU kernel is not traced
+                tracer.custom_op(self, *self.custom_op_args(x2))
+                with tracer.paused_region():
+                    y = self._reference_matmul(x2)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*lead, self.out_features)
@@ -118,18 +120,21 @@ class IpuSparseLinear(nn.Module):
         w = self.csr_tensor(self.values.detach().to(ctype))
         return torch.mm(w, x2.to(ctype).t()).t().to(x2.dtype)  # (M, K) @ (K, N) -> (N, M)
 
-    def _ipu_matmul(self, x2: torch.Tensor) -> torch.Tensor:
-        import poptorch  # already imported: running_on_ipu() said so
-
+    def custom_op_args(self, x2: torch.Tensor):
+        """(inputs, name, domain, domain_version, example_outputs, attributes) of the custom-op call."""
         if self.pattern_path is None:
             raise RuntimeError("sparse pattern not exported: call ipu_sparse.ipu.ops.export_patterns_(model, dir) "
                                "before compiling for the IPU")
-        example = torch.zeros(x2.shape[0], self.out_features, dtype=x2.dtype)
-        out = poptorch.custom_op([x2, self.values], OP_NAME, OP_DOMAIN, OP_VERSION, example_outputs=[example],
-                                 attributes={"pattern_path": self.pattern_path, "pattern_hash": self.pattern_hash,
-                                             "rows": self.out_features, "cols": self.in_features,
-                                             "nnz": self.nnz})
-        return out[0]
+        example = torch.zeros(x2.shape[0], self.out_features, dtype=x2.dtype, device=x2.device)  # (N, M)
+        attributes = {"pattern_path": self.pattern_path, "pattern_hash": self.pattern_hash,
+                      "rows": self.out_features, "cols": self.in_features, "nnz": self.nnz}
+        return [x2, self.values], OP_NAME, OP_DOMAIN, OP_VERSION, [example], attributes
+
+    def _ipu_matmul(self, x2: torch.Tensor) -> torch.Tensor:
+        import poptorch  # already imported: running_on_ipu() said so
+
+        inputs, name, domain, version, examples, attributes = self.custom_op_args(x2)
+        return poptorch.custom_op(inputs, name, domain, version, example_outputs=examples, attributes=attributes)[0]
 
     # -- pattern file --
     def pattern_bytes(self) -> bytes:
@@ -144,11 +149,7 @@ class IpuSparseLinear(nn.Module):
         digest = hashlib.sha256(data).hexdigest()
         path = Path(directory) / f"{name}.{digest[:16]}.spat"
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=".tmp-")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            atomic_write_bytes(path, data)
         self.pattern_path, self.pattern_hash = str(path.resolve()), digest
         return self.pattern_path, digest
 
@@ -175,9 +176,7 @@ def to_ipu_sparse_(model: nn.Module, include_head: bool = False,
             continue
         if name == "lm_head" and getattr(model.config, "tie_embeddings", False):
             continue  # a tied head shares the dense embedding
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, IpuSparseLinear.from_module(mod))
+        set_module(model, name, IpuSparseLinear.from_module(mod))
     return model
 
 
@@ -187,8 +186,6 @@ DEFAULT_OP_LIB = Path(__file__).resolve().parents[2] / "popart_ops" / "build" / 
 def load_custom_op(path=None) -> str:
     """Load the PopART op library (its static creators register the op); IPU hosts only."""
     import ctypes
-
-    from ..errors import UserError
 
     lib = Path(path or os.environ.get("IPU_SPARSE_POPART_OPS_LIB") or DEFAULT_OP_LIB)
     if not lib.exists():

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 from ..config import ModelConfig
 from ..errors import UserError
 from . import hardware as hw
-from .memory import VALUE_BYTES, Unit, _storage_formula, build_units
+from .memory import STORAGE_FORMULA, VALUE_BYTES, Unit, build_units
 
 FORMATS = ("csr16", "dense")
 
@@ -299,7 +299,7 @@ class Plan:
             "n_ipus": pc.n_ipus, "ipu_type": pc.ipu_type, "format": pc.fmt, "dtype": pc.dtype,
             "sparsity": pc.sparsity if isinstance(pc.sparsity, (int, float)) else list(pc.sparsity),
             "sparse_head": pc.sparse_head, "batch": pc.batch, "seq_len": pc.seq_len, "kv_len": pc.kv_len,
-            "reserve_fraction": pc.reserve_fraction, "storage_formula": _storage_formula(),
+            "reserve_fraction": pc.reserve_fraction, "storage_formula": STORAGE_FORMULA,
             "fits": self.fits, "model_weight_bytes": self.model_bytes, "planned_total_bytes": self.total_bytes,
             "capacity_bytes": self.capacity_bytes, "layers_per_ipu": self.layers_per_ipu,
             "matmul_proportion": [a.matmul_proportion for a in self.ipus],
@@ -340,7 +340,7 @@ def make_plan(pc: PlanConfig) -> Plan:
     n_emb = sum(1 for u in units if u.kind == "embed")
     if n_emb > 1:
         ipus = sorted({placement[u.name] for u in units if u.kind == "embed"})
-        plan.notes.append(f"embedding ({cfg.vocab_size}x{cfg.d_model}, {_fmt(cfg.vocab_size * cfg.d_model * vb)}) "
+        plan.notes.append(f"embedding ({cfg.vocab_size}x{cfg.d_model}, {fmt_bytes(cfg.vocab_size * cfg.d_model * vb)}) "
                           f"vocabulary-sharded into {n_emb} slices on IPU{', IPU'.join(map(str, ipus))}")
     heads = [u for u in units if u.kind == "head" and u.pinned_to is None]
     if len(heads) > 1:
@@ -374,7 +374,7 @@ def _set_matmul_proportions(plan: Plan) -> None:
                           "floor, more than is free (the first thing to check in the PopVision memory report)")
 
 
-def _fmt(n: float) -> str:
+def fmt_bytes(n: float) -> str:
     return f"{n / hw.MB:,.1f} MB" if abs(n) < hw.GB else f"{n / hw.GB:,.2f} GB"
 
 
@@ -431,17 +431,17 @@ def check_fits(plan: Plan) -> None:
     for u in plan.units:  # a single unit larger than a whole IPU: more IPUs cannot help
         if u.total_bytes > ipu_sram * (1 - pc.reserve_fraction):
             raise PlanError(
-                f"{u.name} alone needs {_fmt(u.total_bytes)} but one {pc.ipu_type} IPU has "
-                f"{_fmt(ipu_sram * (1 - pc.reserve_fraction))} after the reserve; it cannot be placed on any IPU "
+                f"{u.name} alone needs {fmt_bytes(u.total_bytes)} but one {pc.ipu_type} IPU has "
+                f"{fmt_bytes(ipu_sram * (1 - pc.reserve_fraction))} after the reserve; it cannot be placed on any IPU "
                 f"(try: {', '.join(suggestions(plan)) or 'a higher sparsity or a smaller context'})", plan)
     a = over[0]
-    others = ", ".join(f"IPU{b.ipu} (+{_fmt(-b.free)})" for b in over[1:4])
+    others = ", ".join(f"IPU{b.ipu} (+{fmt_bytes(-b.free)})" for b in over[1:4])
     msg = (f"{pc.model.name} ({pc.fmt}, sparsity {pc.sparsity if isinstance(pc.sparsity, (int, float)) else 'per-layer'}) "
            f"does not fit {pc.n_ipus} x {pc.ipu_type}: IPU{a.ipu} ({', '.join(a.units) or 'empty'}) needs "
-           f"{_fmt(a.total)} of {_fmt(a.capacity)}, {_fmt(-a.free)} over")
+           f"{fmt_bytes(a.total)} of {fmt_bytes(a.capacity)}, {fmt_bytes(-a.free)} over")
     if others:
         msg += f"; also {others}" + (" ..." if len(over) > 4 else "")
-    msg += f"; whole model {_fmt(plan.total_bytes)} planned vs {_fmt(plan.capacity_bytes)} on chip"
+    msg += f"; whole model {fmt_bytes(plan.total_bytes)} planned vs {fmt_bytes(plan.capacity_bytes)} on chip"
     sug = suggestions(plan)
     msg += f". Would fit: {' or '.join(sug)}" if sug else ". Nothing tried fits (more IPUs, sparsity <= 0.95, smaller context)"
     raise PlanError(msg, plan)

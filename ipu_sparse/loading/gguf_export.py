@@ -7,12 +7,12 @@ Pruned weights stay exact zeros (GGUF has no sparse tensor type).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
+from ..fileio import atomic_file
 
 
 def permute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -57,8 +57,7 @@ def save_gguf(model, tokenizer, path, f16: bool = False) -> Path:
         raise UserError("tokenizer vocabulary has gaps; cannot export to GGUF")
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_file(path) as tmp:
         w = gguf.GGUFWriter(str(tmp), "llama")
         w.add_name(cfg.name)
         w.add_block_count(cfg.n_layers)
@@ -108,9 +107,4 @@ def save_gguf(model, tokenizer, path, f16: bool = False) -> Path:
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        os.replace(tmp, path)
-    except BaseException:
-        if tmp.exists():
-            tmp.unlink()
-        raise
     return path

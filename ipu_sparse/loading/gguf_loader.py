@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
 
+from ..checkpoint import model_skeleton
 from ..config import ModelConfig
 from ..errors import UserError
 
@@ -65,7 +66,10 @@ def field_value(reader, key: str, default=None):
     field = reader.fields.get(key)
     if field is None:
         return default
-    return field.contents()
+    try:
+        return field.contents()
+    except (UnicodeDecodeError, ValueError, TypeError, IndexError) as exc:  # a corrupt string or array
+        raise UserError(f"GGUF metadata {key}: unreadable value ({type(exc).__name__}: {exc})") from None
 
 
 def config_from_gguf(reader, path) -> ModelConfig:
@@ -84,6 +88,15 @@ def config_from_gguf(reader, path) -> ModelConfig:
     vocab = field_value(reader, f"{arch}.vocab_size") or (len(tokens) if tokens else None)
     if vocab is None:
         raise UserError(f"{path}: GGUF metadata gives no vocabulary size")
+    try:
+        return _config(reader, path, arch, need, vocab, names)
+    except UserError as exc:  # the config's own checks: name the file
+        raise UserError(exc if str(exc).startswith(str(path)) else f"{path}: {exc}") from None
+    except (TypeError, ValueError, OverflowError) as exc:  # a number field holding a string, a list, ...
+        raise UserError(f"{path}: GGUF metadata value of the wrong type ({type(exc).__name__}: {exc})") from None
+
+
+def _config(reader, path, arch, need, vocab, names) -> ModelConfig:
     n_heads = int(need("attention.head_count"))
     return ModelConfig(
         name=str(field_value(reader, "general.name", Path(path).stem)),
@@ -117,35 +130,31 @@ def dequantize(tensor) -> np.ndarray:
         arr = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError:
         raise UserError(f"GGUF tensor {tensor.name}: quantization type {tensor.tensor_type.name} is not supported") from None
+    except (ValueError, TypeError, AssertionError) as exc:
+        raise UserError(f"GGUF tensor {tensor.name}: data does not decode ({type(exc).__name__}: {exc})") from None
     shape = tuple(int(s) for s in reversed(tensor.shape.tolist()))  # GGUF lists ne0 (columns) first
-    return np.asarray(arr, dtype=np.float32).reshape(shape)
+    try:
+        return np.asarray(arr, dtype=np.float32).reshape(shape)
+    except ValueError:
+        raise UserError(f"GGUF tensor {tensor.name}: {np.asarray(arr).size} values do not fill shape {shape}") from None
 
 
 def load_gguf(path, dtype: torch.dtype = torch.float32, progress: bool = False) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
-    """Config and dequantized state dict (our names) from a GGUF file."""
+    """Config and dequantized state dict (our names) from a GGUF file.
+
+    The sizes the header claims (block count, widths, vocabulary) are checked against every
+    tensor's real shape before anything is dequantized or built, so a lying header costs nothing."""
     reader = open_gguf(path)
     cfg = config_from_gguf(reader, path)
+    named = [(t, n) for t, n in ((t, _our_name(t.name, path)) for t in reader.tensors) if n is not None]
+    _check_claimed_shapes(named, cfg, path)
     sd: Dict[str, torch.Tensor] = {}
-    tensors = reader.tensors
     if progress:
         from tqdm import tqdm
 
-        tensors = tqdm(tensors, desc="dequantize", unit="tensor", leave=False)
-    for t in tensors:
+        named = tqdm(named, desc="dequantize", unit="tensor", leave=False)
+    for t, ours in named:
         name = t.name
-        if name.startswith("blk."):
-            _, idx, rest = name.split(".", 2)
-            if rest not in _BLOCK_MAP:
-                if rest.startswith("rope_freqs"):
-                    continue
-                raise UserError(f"{path}: unexpected GGUF tensor {name}")
-            ours = f"layers.{int(idx)}.{_BLOCK_MAP[rest]}"
-        elif name in _TOP_MAP:
-            ours = _TOP_MAP[name]
-        elif name.startswith("rope_freqs"):
-            continue
-        else:
-            raise UserError(f"{path}: unexpected GGUF tensor {name}")
         w = dequantize(t)
         if rest_is(name, "attn_q.weight"):
             w = unpermute_rope(w, cfg.n_heads)
@@ -153,6 +162,45 @@ def load_gguf(path, dtype: torch.dtype = torch.float32, progress: bool = False) 
             w = unpermute_rope(w, cfg.n_kv_heads)
         sd[ours] = torch.from_numpy(np.array(w, dtype=np.float32, copy=True)).to(dtype)
     return cfg, sd
+
+
+def _our_name(name: str, path) -> Optional[str]:
+    """Our state-dict name of GGUF tensor ``name`` (None for tensors we recompute, such as rope_freqs)."""
+    if name.startswith("rope_freqs"):
+        return None
+    if name in _TOP_MAP:
+        return _TOP_MAP[name]
+    parts = name.split(".", 2)
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit():
+        if parts[2].startswith("rope_freqs"):
+            return None
+        if parts[2] in _BLOCK_MAP:
+            return f"layers.{int(parts[1])}.{_BLOCK_MAP[parts[2]]}"
+    raise UserError(f"{path}: unexpected GGUF tensor {name}")
+
+
+def _check_claimed_shapes(named, cfg: ModelConfig, path) -> None:
+    """``UserError`` unless the tensors are exactly those of the header's config, shape for shape."""
+    blocks = {ours.split(".")[1] for _, ours in named if ours.startswith("layers.")}
+    if len(blocks) != cfg.n_layers:
+        raise UserError(f"{path}: header claims {cfg.n_layers} blocks (block_count), the file holds tensors "
+                        f"of {len(blocks)}")
+    expected = {k: tuple(v.shape) for k, v in model_skeleton(cfg).state_dict().items()}
+    if cfg.tie_embeddings:
+        expected.pop("lm_head.weight", None)
+    seen = set()
+    for t, ours in named:
+        shape = tuple(int(s) for s in reversed(t.shape.tolist()))  # GGUF lists ne0 (columns) first
+        if ours not in expected:
+            raise UserError(f"{path}: tensor {t.name} does not belong to the header's config")
+        if shape != expected[ours]:
+            raise UserError(f"{path}: tensor {t.name} has shape {shape}, the header's config implies {expected[ours]}")
+        if ours in seen:
+            raise UserError(f"{path}: tensor {t.name} appears twice")
+        seen.add(ours)
+    missing = sorted(set(expected) - seen)
+    if missing:
+        raise UserError(f"{path}: lacks {len(missing)} tensors the header's config needs, e.g. {missing[:3]}")
 
 
 def rest_is(name: str, suffix: str) -> bool:

@@ -9,6 +9,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import UserError
+from ..fileio import atomic_directory, read_json_object, read_safetensors
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 
@@ -34,13 +35,18 @@ def config_from_hf(hf: dict, path) -> ModelConfig:
             mlp="swiglu",
             attn_bias=bool(hf.get("attention_bias", False)),
             mlp_bias=bool(hf.get("mlp_bias", False)),
-            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            # transformers 5 writes rope_theta inside rope_parameters
+            rope_theta=float(hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=eos[0] if isinstance(eos, list) else eos,
         )
     except KeyError as exc:
         raise UserError(f"{path}: config.json lacks {exc.args[0]}") from None
+    except UserError as exc:  # the config's own checks: name the file
+        raise UserError(f"{path}/config.json: {exc}") from None
+    except (TypeError, ValueError, OverflowError, AttributeError, IndexError) as exc:  # a string, a list, null, []
+        raise UserError(f"{path}: config.json has a value of the wrong type ({type(exc).__name__}: {exc})") from None
 
 
 def hf_to_ours(name: str) -> str:
@@ -64,28 +70,18 @@ def ours_to_hf(name: str) -> str:
 
 
 def load_hf_dir(path, dtype: torch.dtype = torch.float32) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     path = Path(path)
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise UserError(f"{path}: no config.json (expected a Hugging Face model directory)")
-    try:
-        hf = json.loads(cfg_path.read_text())
-    except ValueError as exc:
-        raise UserError(f"{cfg_path}: invalid JSON ({exc})") from None
+    hf = read_json_object(cfg_path, "model configuration")
     cfg = config_from_hf(hf, path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise UserError(f"{path}: no *.safetensors files")
     sd: Dict[str, torch.Tensor] = {}
     for f in files:
-        try:
-            part = load_file(str(f))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise UserError(f"{f}: corrupt or truncated safetensors file ({exc})") from None
-        for k, v in part.items():
+        for k, v in read_safetensors(f).items():
             if k.endswith("rotary_emb.inv_freq"):
                 continue
             sd[hf_to_ours(k)] = v.to(dtype)
@@ -117,27 +113,30 @@ def to_transformers(model):
     return hf.to(next(model.parameters()).dtype)
 
 
-def save_hf_dir(model, tokenizer, out, overwrite: bool = False):
-    """Write config.json + model.safetensors (+ tokenizer) that transformers loads as LlamaForCausalLM."""
-    from safetensors.torch import save_file
-
-    from ..checkpoint import atomic_directory
-
-    cfg = model.config
+def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    """config.json of a transformers ``LlamaForCausalLM`` with ``cfg`` and weights in ``dtype``."""
     if cfg.norm != "rmsnorm" or cfg.mlp != "swiglu" or cfg.mlp_bias:
         raise UserError("only Llama-family configs export to a Hugging Face Llama directory")
-    sd = {ours_to_hf(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if cfg.tie_embeddings:
-        sd.pop("lm_head.weight", None)
-    hf_cfg = {
+    return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
         "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
         "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta,
         "attention_bias": cfg.attn_bias, "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
         "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
-        "torch_dtype": str(next(iter(sd.values())).dtype).replace("torch.", ""),
+        "torch_dtype": str(dtype).replace("torch.", ""),
     }
+
+
+def save_hf_dir(model, tokenizer, out, overwrite: bool = False):
+    """Write config.json + model.safetensors (+ tokenizer) that transformers loads as LlamaForCausalLM."""
+    from safetensors.torch import save_file
+
+    cfg = model.config
+    sd = {ours_to_hf(k): v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    hf_cfg = hf_config(cfg, next(iter(sd.values())).dtype)
     with atomic_directory(out, overwrite) as tmp:
         save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=1))

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
 from ..errors import UserError
+from ..fileio import read_json_object
+from .gguf_loader import field_value
 
 # llama.cpp pre-tokenizer names -> whether digits are split one by one before the GPT-2 regex.
 _PRE_INDIVIDUAL_DIGITS = {"smollm": True, "starcoder": True, "refact": True, "gpt2": False, "default": False}
@@ -25,7 +27,13 @@ def render_chat_template(template: str, messages: Sequence[dict], add_generation
         raise UserError(f"chat template: {message}")
 
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt, **extra)
+    from jinja2 import TemplateError
+
+    try:
+        return env.from_string(template).render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                                **extra)
+    except TemplateError as exc:  # a syntax error or a failing template of the model's tokenizer
+        raise UserError(f"the model's chat template is broken ({type(exc).__name__}: {exc})") from None
 
 
 # ChatML, used when a model ships no template of its own.
@@ -87,7 +95,7 @@ class Tokenizer:
         meta = {}
         cfg_path = directory / TOKENIZER_CONFIG
         if cfg_path.is_file():
-            meta = json.loads(cfg_path.read_text())
+            meta = read_json_object(cfg_path, "tokenizer configuration")
         bos, eos = meta.get("bos_token_id"), meta.get("eos_token_id")
         for key, attr in (("bos_token", "bos"), ("eos_token", "eos")):  # HF tokenizer_config.json style
             tok = meta.get(key)
@@ -104,8 +112,6 @@ class Tokenizer:
 def tokenizer_from_gguf(reader, path) -> Tokenizer:
     """Byte-level BPE from ``tokenizer.ggml.*`` metadata (vocab, merges, token types, template)."""
     from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
-
-    from .gguf_loader import field_value
 
     kind = field_value(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
@@ -158,3 +164,20 @@ class ByteTokenizer:
 
     def save(self, directory) -> None:
         (Path(directory) / TOKENIZER_CONFIG).write_text(json.dumps({"byte_tokenizer": self.vocab_size}))
+
+
+def load_tokenizer_for(path):
+    """The tokenizer saved in a model directory (``tokenizer.json`` or a byte tokenizer's
+    ``tokenizer_config.json``), or None when it has none."""
+    path = Path(path)
+    if (path / TOKENIZER_FILE).is_file():
+        return Tokenizer.load(path)
+    cfg = path / TOKENIZER_CONFIG
+    if cfg.is_file():
+        meta = read_json_object(cfg, "tokenizer configuration")
+        if "byte_tokenizer" in meta:
+            n = meta["byte_tokenizer"]
+            if isinstance(n, bool) or not isinstance(n, int) or not 4 <= n <= 1 << 24:
+                raise UserError(f"{cfg}: byte_tokenizer must be a vocabulary size, got {n!r}")
+            return ByteTokenizer(n)
+    return None

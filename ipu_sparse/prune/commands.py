@@ -1,15 +1,22 @@
-"""``ipu-sparse prune``: one-shot pruning to a checkpoint, with a per-layer sparsity table."""
+"""``ipu-sparse prune``: one-shot pruning to a checkpoint, with a per-layer sparsity table.
+
+Handlers import the modules they run (models, loaders, kernels) inside the function, so
+`ipu-sparse --help` and argument errors stay fast; everything else is imported at the top.
+"""
 from __future__ import annotations
 
 import json
 import sys
 
+from ..commands import add_model_args, load_for_cli
+from ..errors import UserError
+from ..fileio import atomic_write_text, check_output_path
+from ..sparse.formats import FORMAT_NAMES
+
 REPORT_FILE = "pruning_report.json"
 
 
 def register(sub) -> None:
-    from ..commands import add_model_args
-
     p = sub.add_parser("prune", help="prune every decoder Linear (magnitude, Wanda, SparseGPT; N:M; OWL)",
                        description="One-shot pruning with a sequential calibration pass; writes a checkpoint "
                                    "(pruned weights as exact zeros, or a sparse format) and a per-layer sparsity table.")
@@ -33,71 +40,44 @@ def register(sub) -> None:
     p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT damping, fraction of mean diag(H) (default 0.01)")
     p.add_argument("--refit-iters", type=int, default=0, help="masked least-squares refit steps after masking (default 0 = off)")
     p.add_argument("--dense-target", action="store_true", help="SparseGPT: fit each layer to the dense model's outputs")
-    p.add_argument("--format", default="dense",
-                   help="checkpoint format: dense (default, exact zeros) or a sparse format of ipu_sparse.sparse (bitmap, csr16)")
+    p.add_argument("--format", default="dense", choices=("dense",) + FORMAT_NAMES,
+                   help="checkpoint format: dense (default, exact zeros) or a sparse format of ipu_sparse.sparse")
     p.add_argument("--sparse-dtype", default=None, help="value dtype of a sparse --format (default: that format's default)")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_prune)
 
 
-def _save(model, tokenizer, out, fmt: str, meta: dict, overwrite: bool, sparse_dtype=None) -> None:
-    from ..checkpoint import save_dense_checkpoint
-    from ..errors import UserError
-
-    if fmt == "dense":
-        save_dense_checkpoint(model, tokenizer, out, extra_meta=meta, overwrite=overwrite)
-        return
-    try:
-        from ..sparse.checkpoint import save_sparse_checkpoint
-    except ImportError:
-        raise UserError(f"--format {fmt}: sparse checkpoints are not available in this version (use --format dense)") from None
-    kw = {"dtype": sparse_dtype} if sparse_dtype else {}
-    save_sparse_checkpoint(model, tokenizer, out, format=fmt, extra_meta=meta, overwrite=overwrite, **kw)
-
-
 def cmd_prune(args) -> int:
     from pathlib import Path
 
-    from ..checkpoint import atomic_write_text
-    from ..errors import UserError
-    from .api import METHODS
-    from .common import check_sparsity, format_report, parse_nm
+    from .common import format_report
+    from .config import PruneConfig
 
     # Validate everything a user can get wrong before the model is loaded or anything is written.
-    if args.method not in METHODS:
-        raise UserError(f"unknown pruning method {args.method!r} (choose from {', '.join(METHODS)})")
-    if args.nm is not None:
-        parse_nm(args.nm)
-    elif args.sparsity is None:
+    if args.nm is None and args.sparsity is None:
         raise UserError("give --sparsity S (0 <= S < 1) or --nm N:M")
-    if args.sparsity is not None:
-        check_sparsity(args.sparsity)
+    config = PruneConfig(method=args.method, sparsity=args.sparsity, nm=args.nm, owl=args.owl,
+                         owl_lambda=args.owl_lambda, owl_m=args.owl_m, owl_nsamples=args.owl_nsamples,
+                         nsamples=args.nsamples, seq_len=args.seq_len, seed=args.seed, sequential=args.sequential,
+                         batch_size=args.batch_size, blocksize=args.blocksize, percdamp=args.percdamp,
+                         refit_iters=args.refit_iters, dense_target=args.dense_target)
     if args.calib is not None and not Path(args.calib).is_file():
         raise UserError(f"{args.calib}: calibration file not found")
-    if args.nsamples < 1 or args.seq_len < 2:
-        raise UserError(f"--nsamples {args.nsamples} / --seq-len {args.seq_len}: need >= 1 and >= 2")
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise UserError(f"{out}: already exists (pass --overwrite to replace it)")
-    if args.format != "dense":
-        try:
-            import ipu_sparse.sparse.checkpoint  # noqa: F401
-            from ipu_sparse.sparse.formats import FORMATS
-        except ImportError:
-            raise UserError(f"--format {args.format}: sparse checkpoints are not available in this version (use --format dense)") from None
-        if args.format not in FORMATS:
-            raise UserError(f"--format {args.format}: unknown checkpoint format (dense, {', '.join(sorted(FORMATS))})")
+    if args.sparse_dtype is not None:
+        from ..sparse.formats import value_dtype
 
-    from ..commands import load_for_cli
+        if args.format == "dense":
+            raise UserError(f"--sparse-dtype {args.sparse_dtype}: only for a sparse --format, not dense")
+        value_dtype(args.sparse_dtype)
+    out = check_output_path(args.out, args.overwrite)
+    from ..loading import save_checkpoint
     from .api import prune_
 
     lm = load_for_cli(args)
-    summary = prune_(lm.model, method=args.method, sparsity=args.sparsity, nm=args.nm, owl=args.owl,
-                     calib=args.calib, tokenizer=lm.tokenizer, nsamples=args.nsamples, seq_len=args.seq_len,
-                     seed=args.seed, batch_size=args.batch_size, sequential=args.sequential, blocksize=args.blocksize,
-                     percdamp=args.percdamp, refit_iters=args.refit_iters, dense_target=args.dense_target,
-                     owl_lambda=args.owl_lambda, owl_m=args.owl_m, owl_nsamples=args.owl_nsamples)
+    if config.needs_calibration:
+        lm.model.config.check_context(args.seq_len, "--seq-len")
+    summary = prune_(lm.model, config, args.calib, tokenizer=lm.tokenizer)
     report = summary["report"]
     print(format_report(report))
     print(f"pruned with {args.method} in {summary['time_s']:.1f} s (measured)")
@@ -106,7 +86,7 @@ def cmd_prune(args) -> int:
     meta = {"pruning": dict(settings, per_layer_sparsity={k: v["sparsity"] for k, v in report["per_layer"].items()},
                             linear_sparsity=report["linear"]["sparsity"],
                             all_params_sparsity=report["all_params"]["sparsity"])}
-    _save(lm.model, lm.tokenizer, out, args.format, meta, args.overwrite, args.sparse_dtype)
+    save_checkpoint(lm.model, lm.tokenizer, out, args.format, args.sparse_dtype, extra_meta=meta, overwrite=args.overwrite)
     atomic_write_text(out / REPORT_FILE, json.dumps({"settings": settings, "report": report}, indent=1))
     print(f"wrote {out} ({args.format}) and {out / REPORT_FILE}", file=sys.stderr)
     return 0

@@ -1,5 +1,12 @@
-"""Pieces every pruning method shares: exact-count mask selection, N:M patterns,
-streamed input statistics and the sparsity report.
+"""Pieces every pruning method shares: exact-count selection, N:M patterns, streamed
+input statistics and the sparsity report.
+
+Masks (the one convention of the whole package): a sparsity mask is a bool tensor shaped
+like the weight, ``True`` where the weight is KEPT and ``False`` where it is pruned (the
+convention of ``torch.nn.utils.prune`` and torchao); ``Masks`` maps decoder-Linear names
+(``model.linear_layers()``) to them. Solvers return keep masks, ``recover`` holds them fixed
+during training, checkpoints store them. The ``lowest_*`` helpers below are *selections*
+(``True`` = among the lowest scores, i.e. to be pruned); solvers negate them into keep masks.
 
 "Exact sparsity": a matrix asked for sparsity ``s`` loses exactly ``k`` weights, where
 the ``k`` of all matrices add up to ``round(s * total)``; ties in a score are broken
@@ -10,7 +17,6 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn as nn
 
 from ..errors import UserError
 
@@ -101,9 +107,12 @@ def allocate_counts(sizes: Sequence[int], sparsities: Sequence[float], total_spa
     return out
 
 
-# ----- mask selection (True = prune) --------------------------------------------------
-def lowest_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
-    """Mask of the ``k`` smallest entries of ``score`` (whole tensor); ties go to the lower index."""
+# ----- masks and selections ------------------------------------------------------------
+Masks = Dict[str, torch.Tensor]  # decoder-Linear name -> keep mask (True = kept)
+
+
+def lowest_k(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Selection of the ``k`` smallest entries of ``score`` (whole tensor); ties go to the lower index."""
     flat = score.reshape(-1)
     mask = torch.zeros(flat.numel(), dtype=torch.bool, device=score.device)
     if k > 0:
@@ -113,7 +122,7 @@ def lowest_k_mask(score: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def lowest_k_per_row(score: torch.Tensor, k_rows: Sequence[int]) -> torch.Tensor:
-    """Mask of the ``k_rows[r]`` smallest entries of each row ``r``; ties go to the lower column."""
+    """Selection of the ``k_rows[r]`` smallest entries of each row ``r``; ties go to the lower column."""
     rows, cols = score.shape
     ks = torch.as_tensor(list(k_rows), dtype=torch.long, device=score.device).view(rows, 1)
     idx = torch.sort(score, dim=1, stable=True)[1]  # (rows, cols) column order by score
@@ -123,8 +132,8 @@ def lowest_k_per_row(score: torch.Tensor, k_rows: Sequence[int]) -> torch.Tensor
     return mask
 
 
-def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """N:M mask: in every group of ``m`` consecutive inputs of a row, prune the ``m - n`` lowest scores."""
+def nm_lowest(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """N:M selection: in every group of ``m`` consecutive inputs of a row, the ``m - n`` lowest scores."""
     rows, cols = score.shape
     groups = score.reshape(rows, cols // m, m)  # (rows, cols/m, m)
     idx = torch.sort(groups, dim=-1, stable=True)[1]
@@ -219,7 +228,3 @@ def format_report(report: Dict[str, object]) -> str:
     lines.append(f"{'decoder Linears':<16} {lin['sparsity']:.4f} ({lin['zeros']}/{lin['numel']})")
     lines.append(f"{'all parameters':<16} {allp['sparsity']:.4f} ({allp['zeros']}/{allp['numel']})")
     return "\n".join(lines)
-
-
-def weight_of(layer: nn.Module) -> torch.Tensor:
-    return layer.weight

@@ -1,6 +1,11 @@
-"""The sequential calibration driver: one code path for every model family.
+"""The sequential calibration driver: one code path for every model family and every method.
 
-Layer 0's inputs are captured once from the embedding; then for each ``model.layers[i]``:
+``prune_layers_(model, config, counts, tokens)`` builds the solvers of each group itself
+(``config.solver``, one per Linear, sharing the group's input statistics) and prunes each
+Linear to its exact ``counts[name]``. Without calibration data (magnitude without OWL or
+refit) it runs no forward pass: every Linear is pruned from its weights alone.
+
+With data: layer 0's inputs are captured once from the embedding; then for each ``model.layers[i]``:
 the projections of the layer are hooked, the calibration batch is run through
 ``layer(x, cos, sin)`` with ``cos, sin = model.rope(arange(L))``, each Linear is pruned
 from statistics of the inputs the *already pruned* model produces, and the layer is run
@@ -22,9 +27,13 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
 from ..errors import UserError
 from .common import InputStats
+from .config import PruneConfig
+
+Group = List[Tuple[str, nn.Module]]  # Linears of one layer fed the same input, (name in the layer, module)
 
 
 class _Stop(Exception):
@@ -35,7 +44,7 @@ def _is_linear(mod: nn.Module) -> bool:
     return isinstance(mod, nn.Linear) or getattr(mod, "is_sparse_linear", False)
 
 
-def linear_groups(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> List[List[Tuple[str, nn.Module]]]:
+def linear_groups(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> List[Group]:
     """Linears of ``layer`` in call order, grouped by identical input tensor (probe on ``x``)."""
     calls: List[Tuple[str, nn.Module, torch.Tensor]] = []
     handles = []
@@ -49,7 +58,7 @@ def linear_groups(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: tor
     finally:
         for h in handles:
             h.remove()
-    groups: List[List[Tuple[str, nn.Module]]] = []
+    groups: List[Group] = []
     last = None
     seen = set()
     for name, mod, inp in calls:
@@ -76,10 +85,7 @@ def _run(layer, x, cos, sin, batch: int) -> torch.Tensor:
     return out
 
 
-GroupFn = Callable[[int, List[Tuple[str, nn.Module]], InputStats], None]
-
-
-def _hooked_pass(layer, x, cos, sin, leaders: Dict[int, int], on_input: Callable[[int, torch.Tensor], None],
+def hooked_pass(layer, x, cos, sin, leaders: Dict[int, int], on_input: Callable[[int, torch.Tensor], None],
                  stop_after: Optional[int] = None) -> Optional[torch.Tensor]:
     """Run ``layer`` on ``x`` with ``on_input(group, tensor)`` called before each group leader;
     raise/catch _Stop after the group ``stop_after`` was seen (partial pass, no output)."""
@@ -103,42 +109,56 @@ def _leader_modules(layer, leaders):
     return [m for m in layer.modules() if id(m) in leaders]
 
 
-def prune_layer(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                groups: List[List[Tuple[str, nn.Module]]], prune_group: GroupFn, make_stats: Callable[[int], InputStats],
-                sequential: str = "group", batch_size: Optional[int] = None,
-                dense_inputs: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
-    """Prune one layer from calibration inputs ``x`` (n, L, D); return its pruned outputs.
+class _LayerPruner:
+    """Solvers for the groups of one layer: ``prune(g, stats)`` prunes group ``g`` to its counts."""
 
-    ``prune_group(g, group, stats)`` prunes group ``g`` from its statistics. With the whole batch in
-    one chunk and ``sequential="group"``, everything happens in a single forward pass: the hook of a
-    group's first Linear accumulates the statistics and prunes the group before it runs."""
+    def __init__(self, config: PruneConfig, counts: Dict[str, int], prefix: str, groups: List[Group], device):
+        self.config, self.counts, self.prefix, self.groups, self.device = config, counts, prefix, groups, device
+        self.hessian = config.solver.needs_hessian or config.refit_iters > 0
+
+    def stats(self, g: int) -> InputStats:
+        return InputStats(self.groups[g][0][1].weight.shape[1], hessian=self.hessian, cross=self.config.dense_target,
+                          device=self.device)
+
+    def prune(self, g: int, stats: Optional[InputStats]) -> None:
+        cfg, cls = self.config, self.config.solver
+        group = self.groups[g]
+        solvers = [cls(mod, stats) for _, mod in group]
+        cls.prune_group(solvers, [self.counts[self.prefix + name] for name, _ in group], cfg.prune_n, cfg.prune_m,
+                        **cls.options(cfg))
+        if stats is not None:
+            stats.free()
+
+
+def prune_layer(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pruner: _LayerPruner,
+                batch: int, dense_inputs: Optional[List[torch.Tensor]] = None) -> torch.Tensor:
+    """Prune one layer from calibration inputs ``x`` (n, L, D) in chunks of ``batch``; return its pruned outputs.
+
+    With the whole batch in one chunk and ``sequential="group"``, everything happens in a single forward
+    pass: the hook of a group's first Linear accumulates the statistics and prunes the group before it runs."""
     n = x.shape[0]
-    batch = n if not batch_size else min(n, int(batch_size))
+    groups = pruner.groups
     leaders = {id(g[0][1]): gi for gi, g in enumerate(groups)}
-    if sequential == "group" and batch >= n:
+    if pruner.config.sequential == "group" and batch >= n:
         def inline(g, inp):
-            stats = make_stats(g)
+            stats = pruner.stats(g)
             stats.add(inp, dense_inputs[g] if dense_inputs is not None else None)
-            prune_group(g, groups[g], stats)
-        return _hooked_pass(layer, x, cos, sin, leaders, inline)
-    if dense_inputs is not None:
-        raise UserError("the dense-target correction needs the whole calibration batch in one pass (batch_size=None)")
-    if sequential == "group":
+            pruner.prune(g, stats)
+        return hooked_pass(layer, x, cos, sin, leaders, inline)
+    if pruner.config.sequential == "group":
         for g in range(len(groups)):  # partial passes up to group g's input, over the chunks
-            stats = make_stats(g)
+            stats = pruner.stats(g)
             for sl in _chunks(n, batch):
-                _hooked_pass(layer, x[sl], cos, sin, leaders,
-                             lambda gi, inp: stats.add(inp) if gi == g else None, stop_after=g)
-            prune_group(g, groups[g], stats)
-    elif sequential == "layer":
-        all_stats = [make_stats(g) for g in range(len(groups))]
+                hooked_pass(layer, x[sl], cos, sin, leaders,
+                            lambda gi, inp: stats.add(inp) if gi == g else None, stop_after=g)
+            pruner.prune(g, stats)
+    else:  # "layer"
+        all_stats = [pruner.stats(g) for g in range(len(groups))]
         for sl in _chunks(n, batch):
-            _hooked_pass(layer, x[sl], cos, sin, leaders, lambda gi, inp: all_stats[gi].add(inp),
-                         stop_after=len(groups) - 1)
+            hooked_pass(layer, x[sl], cos, sin, leaders, lambda gi, inp: all_stats[gi].add(inp),
+                        stop_after=len(groups) - 1)
         for g in range(len(groups)):
-            prune_group(g, groups[g], all_stats[g])
-    else:
-        raise UserError(f"sequential={sequential!r}: expected 'group' or 'layer'")
+            pruner.prune(g, all_stats[g])
     return _run(layer, x, cos, sin, batch)
 
 
@@ -150,46 +170,48 @@ def capture_group_inputs(layer, x, cos, sin, groups) -> Tuple[torch.Tensor, List
     def keep(g, inp):
         store[g] = inp
 
-    out = _hooked_pass(layer, x, cos, sin, leaders, keep)
+    out = hooked_pass(layer, x, cos, sin, leaders, keep)
     return out, store  # type: ignore[return-value]
 
 
-def embed_inputs(model, tokens: torch.Tensor) -> torch.Tensor:
-    """Layer-0 inputs (n, L, D) for calibration windows ``tokens`` (n, L)."""
-    return model.embed(tokens)
+def prune_layers_(model, config: PruneConfig, counts: Dict[str, int], tokens: Optional[torch.Tensor] = None,
+                  progress: bool = True) -> None:
+    """Prune every decoder Linear of ``model`` in place, layer by layer, to ``counts[name]`` removed weights.
 
-
-def sequential_prune(model, tokens: torch.Tensor, prune_group_factory, make_stats_factory,
-                     sequential: str = "group", batch_size: Optional[int] = None, dense_target: bool = False,
-                     progress: bool = True) -> None:
-    """Walk ``model.layers`` in order, pruning each from the already-pruned prefix's outputs.
-
-    ``prune_group_factory(i)`` -> ``prune_group(g, group, stats)`` for layer ``i``;
-    ``make_stats_factory(i, groups)`` -> ``make_stats(g)``."""
-    from tqdm import tqdm
-
-    L = tokens.shape[1]
+    ``tokens`` (n, L): calibration windows; None runs no forward pass (methods without statistics)."""
+    if tokens is None:
+        with torch.no_grad():
+            for i, layer in enumerate(model.layers):
+                groups = [[(name, mod)] for name, mod in layer.named_modules() if _is_linear(mod)]
+                pruner = _LayerPruner(config, counts, f"layers.{i}.", groups, None)
+                for g in range(len(groups)):
+                    pruner.prune(g, None)
+        return
+    n, L = tokens.shape
+    batch = n if not config.batch_size else min(n, config.batch_size)
+    if config.dense_target and batch < n:
+        raise UserError("the dense-target correction needs the whole calibration batch in one pass (batch_size=None)")
     cos, sin = model.rope(torch.arange(L, device=tokens.device))
     with torch.inference_mode():
-        x = embed_inputs(model, tokens)  # (n, L, D)
-        xd = x if dense_target else None
+        x = model.embed(tokens)  # (n, L, D) inputs of layer 0
+        xd = x if config.dense_target else None
         bar = tqdm(range(len(model.layers)), desc="pruning layers", unit="layer", file=sys.stderr, disable=not progress)
         for i in bar:
             layer = model.layers[i]
             groups = linear_groups(layer, x[:1, : min(L, 8)], cos[: min(L, 8)], sin[: min(L, 8)])
             dense_inputs = None
-            if dense_target:
+            if config.dense_target:
                 dense_layer = copy.deepcopy(layer)
-                xd_next, dense_inputs = capture_group_inputs(dense_layer, xd, cos, sin, groups_for(dense_layer, groups, layer))
+                xd_next, dense_inputs = capture_group_inputs(dense_layer, xd, cos, sin, groups_for(dense_layer, groups))
                 del dense_layer
-            x = prune_layer(layer, x, cos, sin, groups, prune_group_factory(i), make_stats_factory(i, groups),
-                            sequential=sequential, batch_size=batch_size, dense_inputs=dense_inputs)
-            if dense_target:
+            pruner = _LayerPruner(config, counts, f"layers.{i}.", groups, tokens.device)
+            x = prune_layer(layer, x, cos, sin, pruner, batch, dense_inputs=dense_inputs)
+            if config.dense_target:
                 xd = xd_next
                 del dense_inputs
 
 
-def groups_for(copy_layer, groups, layer):
+def groups_for(copy_layer: nn.Module, groups: List[Group]) -> List[Group]:
     """The same groups, addressed in a deep copy of ``layer`` (by module name)."""
     mods = dict(copy_layer.named_modules())
     return [[(name, mods[name]) for name, _ in g] for g in groups]

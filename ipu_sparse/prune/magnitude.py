@@ -1,76 +1,23 @@
 """Magnitude pruning: remove the weights of smallest |w|, per matrix or per output row.
 
 The baseline every pruning paper compares against (e.g. Han et al. 2015); it needs
-no calibration data.
+no calibration data. ``magnitude_prune_`` / ``magnitude_masks`` are the quick forms for
+callers outside ``prune_`` (sparse-format tests, the IPU simulation, gradual recovery):
+each matrix loses exactly ``round(sparsity * numel)`` weights (``scope="row"``: exactly
+``round(sparsity * in_features)`` per output row).
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from ..errors import UserError
-from .common import InputStats, check_sparsity, lowest_k_mask, lowest_k_per_row, nm_mask, split_evenly
+from .common import InputStats, Masks, check_sparsity, lowest_k
+from .solver import PruneSolver
 
-
-class PruneSolver:
-    """One solver per ``nn.Linear``: ``add_batch`` streams calibration inputs, ``prune`` zeroes
-    weights in place and returns the mask (True = pruned), ``free`` drops the statistics.
-
-    ``stats`` may be shared by Linears that read the same input (q/k/v, gate/up)."""
-
-    needs_stats = False
-    needs_hessian = False
-
-    def __init__(self, layer: nn.Linear, stats: Optional[InputStats] = None):
-        self.layer = layer
-        self.rows, self.columns = layer.weight.shape
-        if stats is None and self.needs_stats:
-            stats = InputStats(self.columns, hessian=self.needs_hessian, device=layer.weight.device)
-        self.stats = stats
-
-    def add_batch(self, inp: torch.Tensor, out: Optional[torch.Tensor] = None) -> None:
-        if self.stats is not None:
-            self.stats.add(inp)
-
-    def score(self) -> torch.Tensor:
-        raise NotImplementedError
-
-    def select(self, count: int, prune_n: int = 0, prune_m: int = 0) -> torch.Tensor:
-        """Mask with exactly ``count`` True entries (or the N:M pattern), spread evenly over rows."""
-        score = self.score()
-        if prune_n:
-            return nm_mask(score, prune_n, prune_m)
-        return lowest_k_per_row(score, split_evenly(count, self.rows))
-
-    def prune(self, sparsity: Optional[float] = None, prune_n: int = 0, prune_m: int = 0,
-              count: Optional[int] = None, **_unused) -> torch.Tensor:
-        if count is None:
-            count = int(round(check_sparsity(sparsity if sparsity is not None else 0.0) * self.rows * self.columns))
-        mask = self.select(count, prune_n, prune_m)
-        with torch.no_grad():
-            self.layer.weight.masked_fill_(mask, 0.0)
-        return mask
-
-    @classmethod
-    def prune_group(cls, solvers: Sequence["PruneSolver"], counts: Sequence[int], prune_n: int = 0,
-                    prune_m: int = 0, **opts) -> List[torch.Tensor]:
-        """Prune Linears that share one input; methods with a shared solve override this.
-        ``refit_iters`` > 0 (needs the Hessian): least-squares refit of the kept weights afterwards."""
-        refit_iters = int(opts.get("refit_iters", 0) or 0)
-        dense = [s.layer.weight.detach().clone() for s in solvers] if refit_iters else None
-        masks = [s.prune(count=c, prune_n=prune_n, prune_m=prune_m) for s, c in zip(solvers, counts)]
-        if refit_iters:
-            from .sparsegpt import refit_group
-
-            refit_group(solvers, dense, masks, percdamp=opts.get("percdamp", 0.01), iters=refit_iters)
-        return masks
-
-    def free(self) -> None:
-        if self.stats is not None:
-            self.stats.free()
-        self.stats = None
+SCOPES = ("matrix", "row")
 
 
 class Magnitude(PruneSolver):
@@ -78,19 +25,56 @@ class Magnitude(PruneSolver):
 
     def __init__(self, layer: nn.Linear, stats: Optional[InputStats] = None, scope: str = "matrix"):
         super().__init__(layer, stats)
-        if scope not in ("matrix", "row"):
+        if scope not in SCOPES:
             raise UserError(f"magnitude scope {scope!r}: expected 'matrix' or 'row'")
         self.scope = scope
 
     def score(self) -> torch.Tensor:
         return self.layer.weight.detach().float().abs()
 
-    def select(self, count: int, prune_n: int = 0, prune_m: int = 0) -> torch.Tensor:
+    def keep_mask(self, count: int, prune_n: int = 0, prune_m: int = 0) -> torch.Tensor:
         if self.scope == "matrix" and not prune_n:
-            return lowest_k_mask(self.score(), count)
-        return super().select(count, prune_n, prune_m)
+            return ~lowest_k(self.score(), count)
+        return super().keep_mask(count, prune_n, prune_m)
 
 
 class MagnitudeRow(Magnitude):
     def __init__(self, layer: nn.Linear, stats: Optional[InputStats] = None):
         super().__init__(layer, stats, scope="row")
+
+
+def _solvers(model, sparsity: float, scope: str, include_head: bool,
+             names: Optional[Iterable[str]] = None) -> Iterator[Tuple[str, Magnitude, int]]:
+    """(name, solver, weights to remove) for each selected Linear."""
+    sparsity = check_sparsity(sparsity)
+    wanted = set(names) if names is not None else None
+    for name, mod in model.linear_layers(include_head=include_head):
+        if wanted is not None and name not in wanted:
+            continue
+        solver = Magnitude(mod, scope=scope)
+        if scope == "row":
+            count = solver.rows * int(round(sparsity * solver.columns))
+        else:
+            count = int(round(sparsity * solver.rows * solver.columns))
+        yield name, solver, count
+
+
+@torch.no_grad()
+def magnitude_masks(model, sparsity: float, names: Optional[Iterable[str]] = None, scope: str = "matrix",
+                    include_head: bool = False) -> Masks:
+    """Keep masks (on the CPU) of magnitude pruning to ``sparsity``, without changing the weights.
+
+    Already-zero weights have the smallest magnitude, so re-pruning a pruned model to a
+    higher sparsity keeps every earlier pruned position pruned (masks only shrink)."""
+    return {name: solver.keep_mask(count).cpu()
+            for name, solver, count in _solvers(model, sparsity, scope, include_head, names)}
+
+
+@torch.no_grad()
+def magnitude_prune_(model, sparsity: float, scope: str = "matrix", include_head: bool = False) -> None:
+    """Zero the smallest-magnitude weights of every decoder Linear in place (and of the LM head,
+    untied first, with ``include_head``)."""
+    if include_head:
+        model.untie_lm_head_()
+    for _, solver, count in _solvers(model, sparsity, scope, include_head):
+        solver.prune(count=count)

@@ -10,11 +10,15 @@ The mean over layers equals ``s``; ``allocate_counts`` then makes the total exac
 """
 from __future__ import annotations
 
+import sys
 from typing import List, Sequence
 
 import torch
+from tqdm import tqdm
 
 from ..errors import UserError
+from .common import InputStats
+from .driver import hooked_pass, linear_groups
 
 
 def outlier_ratio(scores: Sequence[torch.Tensor], m: float) -> float:
@@ -39,3 +43,21 @@ def owl_sparsities(outlier_ratios: Sequence[float], sparsity: float, lam: float 
     if free.any():
         out[free] += (sparsity * len(out) - float(out.sum())) / int(free.sum())
     return [float(v) for v in out]
+
+
+def layer_outlier_ratios(model, tokens: torch.Tensor, m: float = 5.0, progress: bool = False) -> List[float]:
+    """OWL outlier ratio of every decoder layer, from a dense pass (Wanda scores per Linear)."""
+    L = tokens.shape[1]
+    cos, sin = model.rope(torch.arange(L, device=tokens.device))
+    ratios = []
+    with torch.inference_mode():
+        x = model.embed(tokens)  # (n, L, D)
+        for layer in tqdm(model.layers, desc="OWL outlier ratios", unit="layer", file=sys.stderr, disable=not progress):
+            groups = linear_groups(layer, x[:1, : min(L, 8)], cos[: min(L, 8)], sin[: min(L, 8)])
+            leaders = {id(g[0][1]): gi for gi, g in enumerate(groups)}
+            stats = [InputStats(g[0][1].weight.shape[1], device=x.device) for g in groups]
+            x = hooked_pass(layer, x, cos, sin, leaders, lambda gi, inp: stats[gi].add(inp))
+            scores = [mod.weight.detach().float().abs() * stats[gi].sq.float().sqrt().view(1, -1)
+                      for gi, g in enumerate(groups) for _, mod in g]
+            ratios.append(outlier_ratio(scores, m))
+    return ratios

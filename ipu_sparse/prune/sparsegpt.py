@@ -12,31 +12,22 @@ Differences from the reference code, each measured in docs/pruning.md:
   their weights are stacked row-wise and solved together (rows are independent given H),
   masks still chosen per matrix with an exact count.
 * Exact counts per block (the reference thresholds with ``<=`` and can prune extra ties).
-* Optional ``refit``: after the mask is fixed, a few conjugate-gradient steps on the masked
-  least-squares problem min ||X (W - W0)^T|| (rows independent) move the kept weights to the
-  optimum the greedy column sweep only approximates.
+* Optional ``refit`` (``refit.masked_refit``): after the mask is fixed, a few conjugate-gradient
+  steps on the masked least-squares problem min ||X (W - W0)^T|| (rows independent) move the kept
+  weights to the optimum the greedy column sweep only approximates.
 * Optional dense target (``dense_target``): W0 is replaced by argmin ||X_p W^T - X_d W0^T||,
   i.e. W0 G^T H^-1 with G = X_p^T X_d, so each layer also corrects the error the
   already-pruned layers put into its input.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .common import split_proportional
-from .magnitude import PruneSolver
-
-
-def damped(H: torch.Tensor, percdamp: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Copy of H with dead inputs (zero diagonal) made harmless and ``percdamp`` damping added."""
-    H = H.clone().double()
-    dead = torch.diagonal(H) == 0
-    H[dead, dead] = 1.0
-    damp = percdamp * torch.mean(torch.diagonal(H))
-    H += damp * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    return H, dead
+from .refit import damped, masked_refit, write_back
+from .solver import PruneSolver
 
 
 def inverse_cholesky_upper(H: torch.Tensor) -> torch.Tensor:
@@ -54,7 +45,7 @@ def inverse_cholesky_upper(H: torch.Tensor) -> torch.Tensor:
 def sparsegpt_solve(W: torch.Tensor, Hinv: torch.Tensor, segments: Sequence[Tuple[int, int, int]],
                     prune_n: int = 0, prune_m: int = 0, blocksize: int = 128,
                     subblock: int = 16) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Algorithm 1 on ``W`` (rows, cols), fp32; returns (W, mask).
+    """Algorithm 1 on ``W`` (rows, cols), fp32; returns (W, keep mask).
 
     ``segments``: (row_start, row_end, count) per stacked matrix; each loses exactly ``count``
     weights, split over column blocks in proportion to their widths (unused with N:M).
@@ -68,7 +59,7 @@ def sparsegpt_solve(W: torch.Tensor, Hinv: torch.Tensor, segments: Sequence[Tupl
         subblock = max(prune_m, subblock // prune_m * prune_m)
         blocksize = max(prune_m, blocksize // prune_m * prune_m)
     Wt = W.t().contiguous()  # (cols, rows)
-    maskt = torch.zeros_like(Wt, dtype=torch.bool)
+    maskt = torch.zeros_like(Wt, dtype=torch.bool)  # True = pruned inside the solve, as in the reference code
     starts = list(range(0, cols, blocksize))
     widths = [min(blocksize, cols - s) for s in starts]
     per_block = [split_proportional(c, widths) for (_, _, c) in segments]
@@ -109,30 +100,7 @@ def sparsegpt_solve(W: torch.Tensor, Hinv: torch.Tensor, segments: Sequence[Tupl
         maskt[i1:i2] = mask1
         Wt[i2:].addmm_(Hinv[i1:i2, i2:].t(), Err1, alpha=-1.0)  # lazy batch update of later blocks
     Wt.masked_fill_(maskt, 0.0)
-    return Wt.t().contiguous(), maskt.t().contiguous()
-
-
-def masked_refit(W: torch.Tensor, target: torch.Tensor, H: torch.Tensor, mask: torch.Tensor,
-                 iters: int = 30) -> torch.Tensor:
-    """Conjugate gradient on min_W sum_r (W_r - T_r) H (W_r - T_r)^T with W[mask] = 0, all rows at once
-    (each row is an independent quadratic; step sizes are per row). Starts from ``W``; the objective
-    never increases."""
-    keep = (~mask).to(W.dtype)
-    W = W * keep
-    R = ((target - W) @ H) * keep  # negative gradient (rows, cols)
-    P = R.clone()
-    rs = (R * R).sum(1)
-    for _ in range(iters):
-        AP = (P @ H) * keep
-        pap = (P * AP).sum(1)
-        alpha = torch.where(pap > 0, rs / pap.clamp_min(1e-30), torch.zeros_like(rs))
-        W.addcmul_(alpha.view(-1, 1), P)
-        R.addcmul_(alpha.view(-1, 1), AP, value=-1.0)
-        rs_new = (R * R).sum(1)
-        beta = torch.where(rs > 0, rs_new / rs.clamp_min(1e-30), torch.zeros_like(rs))
-        P = R + beta.view(-1, 1) * P
-        rs = rs_new
-    return W
+    return Wt.t().contiguous(), (~maskt).t().contiguous()
 
 
 class SparseGPT(PruneSolver):
@@ -140,17 +108,22 @@ class SparseGPT(PruneSolver):
     needs_hessian = True
 
     def prune(self, sparsity: Optional[float] = None, prune_n: int = 0, prune_m: int = 0,
-              count: Optional[int] = None, **opts) -> torch.Tensor:
+              count: Optional[int] = None, blocksize: int = 128, percdamp: float = 0.01, refit_iters: int = 0,
+              dense_target: bool = False) -> torch.Tensor:
         if count is None:
-            from .common import check_sparsity
+            count = self.count_for(sparsity)
+        return self.prune_group([self], [count], prune_n, prune_m, blocksize=blocksize, percdamp=percdamp,
+                                refit_iters=refit_iters, dense_target=dense_target)[0]
 
-            count = int(round(check_sparsity(sparsity if sparsity is not None else 0.0) * self.rows * self.columns))
-        return self.prune_group([self], [count], prune_n, prune_m, **opts)[0]
+    @staticmethod
+    def options(config) -> Dict[str, object]:
+        return dict(blocksize=config.blocksize, percdamp=config.percdamp, refit_iters=config.refit_iters,
+                    dense_target=config.dense_target)
 
     @classmethod
     def prune_group(cls, solvers: Sequence[PruneSolver], counts: Sequence[int], prune_n: int = 0,
                     prune_m: int = 0, blocksize: int = 128, percdamp: float = 0.01, refit_iters: int = 0,
-                    dense_target: bool = False, **_unused) -> List[torch.Tensor]:
+                    dense_target: bool = False) -> List[torch.Tensor]:
         stats = solvers[0].stats
         Hd, dead = damped(stats.H, percdamp)
         W0 = torch.cat([s.layer.weight.detach().double() for s in solvers], 0)  # (sum rows, cols)
@@ -163,31 +136,8 @@ class SparseGPT(PruneSolver):
         for s, c in zip(solvers, counts):
             segments.append((r, r + s.rows, int(c)))
             r += s.rows
-        W, mask = sparsegpt_solve(W0.float().clone(), Hinv, segments, prune_n, prune_m, blocksize)
+        W, keep = sparsegpt_solve(W0.float().clone(), Hinv, segments, prune_n, prune_m, blocksize)
         if refit_iters:
-            W = masked_refit(W, W0.float(), Hd.float(), mask, refit_iters)
-        return _write_back(solvers, W, mask)
+            W = masked_refit(W, W0.float(), Hd.float(), keep, refit_iters)
+        return write_back(solvers, W, keep)
 
-
-def refit_group(solvers: Sequence[PruneSolver], dense: Sequence[torch.Tensor], masks: Sequence[torch.Tensor],
-                percdamp: float = 0.01, iters: int = 30) -> None:
-    """Least-squares refit of the kept weights after any method chose the masks (needs H):
-    min ||X (W - W_dense)^T|| with the masks fixed (e.g. Wanda's mask, which has no update)."""
-    Hd, _ = damped(solvers[0].stats.H, percdamp)
-    W0 = torch.cat([w.float() for w in dense], 0)
-    mask = torch.cat(list(masks), 0)
-    W = torch.cat([s.layer.weight.detach().float() for s in solvers], 0)
-    W = masked_refit(W, W0, Hd.float(), mask, iters)
-    _write_back(solvers, W, mask)
-
-
-def _write_back(solvers: Sequence[PruneSolver], W: torch.Tensor, mask: torch.Tensor) -> List[torch.Tensor]:
-    masks, r = [], 0
-    with torch.no_grad():
-        for s in solvers:
-            w = s.layer.weight
-            w.copy_(W[r:r + s.rows].to(w.dtype))
-            w.masked_fill_(mask[r:r + s.rows], 0.0)
-            masks.append(mask[r:r + s.rows].clone())
-            r += s.rows
-    return masks

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .magnitude import PruneSolver
+from .solver import PruneSolver
 
 
 class Wanda(PruneSolver):

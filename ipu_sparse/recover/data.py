@@ -24,6 +24,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ..errors import UserError
+from ..generate import SamplingConfig, generate_batch
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".tokens", ".raw", ".rst", ".jsonl", ".json", ".py", ".html", ".csv")
 # Evaluation data: training on it would make every published number meaningless.
@@ -198,6 +199,13 @@ def model_fingerprint(model) -> str:
     return h.hexdigest()[:16]
 
 
+def windows_fingerprint(windows: TokenWindows) -> str:
+    """A short hash of the training and held-out token windows."""
+    h = hashlib.sha256(windows.train.numpy().astype("int64").tobytes())
+    h.update(windows.heldout.numpy().astype("int64").tobytes())
+    return h.hexdigest()[:16]
+
+
 def prompt_ids_list(tokenizer) -> List[List[int]]:
     """Token ids of every prompt: chat requests through the chat template, then plain openings."""
     out = []
@@ -207,46 +215,6 @@ def prompt_ids_list(tokenizer) -> List[List[int]]:
     for text in TEXT_PROMPTS:
         out.append(tokenizer.encode(text, add_bos=getattr(tokenizer, "bos_id", None) is not None))
     return out
-
-
-def _filter_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    if top_p >= 1.0:
-        return logits
-    sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-    probs = torch.softmax(sorted_logits, dim=-1)
-    drop = (probs.cumsum(-1) - probs) >= top_p  # keep the first token always
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-
-
-@torch.no_grad()
-def sample_batch(model, prompt: Sequence[int], n: int, max_new: int, temperature: float, top_p: float,
-                 generator: torch.Generator, stop_ids) -> List[List[int]]:
-    """``n`` sampled continuations of one prompt (KV-cached decode); each ends at its first stop token."""
-    device = next(model.parameters()).device
-    P = len(prompt)
-    model.setup_cache(n, P + max_new)
-    try:
-        idx = torch.tensor([list(prompt)] * n, dtype=torch.long, device=device)  # (n, P)
-        logits = model(idx, input_pos=torch.arange(P, device=device), last_only=True)[:, -1]  # (n, V)
-        out = torch.zeros(n, 0, dtype=torch.long)
-        stop = torch.tensor(sorted(stop_ids) or [-1], dtype=torch.long)
-        done = torch.zeros(n, dtype=torch.bool)
-        for t in range(max_new):
-            lg = _filter_top_p(logits.float().cpu() / max(temperature, 1e-6), top_p)
-            nxt = torch.multinomial(torch.softmax(lg, dim=-1), 1, generator=generator)  # (n, 1)
-            out = torch.cat([out, nxt], dim=1)
-            done |= torch.isin(nxt[:, 0], stop)
-            if bool(done.all()) or t == max_new - 1:
-                break
-            logits = model(nxt.to(device), input_pos=torch.tensor([P + t], device=device), last_only=True)[:, -1]
-    finally:
-        model.clear_cache()
-    samples = []
-    for row in out.tolist():
-        cut = next((i + 1 for i, tok in enumerate(row) if tok in set(stop.tolist())), len(row))
-        samples.append(row[:cut])
-    return samples
 
 
 def _read_cache(path: Path) -> Tuple[List[dict], bool]:
@@ -294,6 +262,7 @@ def self_distill_ids(teacher, tokenizer, cache_dir, cfg: Optional[SelfDistillCon
         os.replace(tmp, cache)
     eos = getattr(tokenizer, "eos_id", None)
     stop_ids = set(getattr(tokenizer, "stop_ids", set()) or set()) | ({eos} if eos is not None else set())
+    sampling = SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p)
 
     def stream_len(recs):
         return sum(len(prompts[r["p"]]) + len(s) + 1 for r in recs for s in r["samples"])
@@ -315,8 +284,8 @@ def self_distill_ids(teacher, tokenizer, cache_dir, cfg: Optional[SelfDistillCon
                 p, r = usable[i % len(usable)], i // len(usable)
                 g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + p) * 1_000_003 + r)
                 max_new = min(cfg.max_new_tokens, limit - len(prompts[p]))
-                samples = sample_batch(teacher, prompts[p], cfg.samples_per_prompt, max_new, cfg.temperature,
-                                       cfg.top_p, g, stop_ids)
+                samples = generate_batch(teacher, prompts[p], cfg.samples_per_prompt, max_new, sampling, stop_ids,
+                                         generator=g)
                 rec = {"p": p, "r": r, "samples": samples}
                 fh.write(json.dumps(rec) + "\n")
                 fh.flush()

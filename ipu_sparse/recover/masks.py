@@ -1,7 +1,8 @@
 """Sparsity masks held fixed during recovery.
 
 A mask is a dict ``{linear name: bool tensor}`` over the decoder Linears
-(``model.linear_layers()``), ``True`` where a weight is kept. The mask of a
+(``model.linear_layers()``), ``True`` where a weight is kept (the package's one mask
+convention, ``ipu_sparse.prune.common``). The mask of a
 checkpoint is an explicit mask file named in its metadata (``mask_file``), or
 else the exact zeros of its weights.
 
@@ -12,13 +13,12 @@ moments stay zero there, so the re-mask is a guard, not a correction).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Iterable, Optional
 
 import torch
 
 from ..errors import UserError
+from ..prune.common import Masks
 
-Masks = Dict[str, torch.Tensor]
 MASK_FILE = "mask.safetensors"
 
 
@@ -105,28 +105,6 @@ def mask_gradients_(model, masks: Masks) -> None:
 def count_mask_violations(model, masks: Masks) -> int:
     """Number of pruned positions whose weight is not exactly zero."""
     return sum(int(((w.detach() != 0) & ~m.to(w.device)).sum()) for w, m in _masked_modules(model, masks))
-
-
-@torch.no_grad()
-def magnitude_masks(model, sparsity: float, names: Optional[Iterable[str]] = None) -> Masks:
-    """Per-matrix magnitude masks with exactly ``round(sparsity * numel)`` pruned weights each.
-
-    Already-zero weights have the smallest magnitude, so re-pruning a pruned model to a
-    higher sparsity keeps every earlier pruned position pruned (masks only shrink)."""
-    if not 0.0 <= sparsity < 1.0:
-        raise UserError(f"sparsity must be in [0, 1), got {sparsity}")
-    wanted = set(names) if names is not None else None
-    masks = {}
-    for name, mod in model.linear_layers():
-        if wanted is not None and name not in wanted:
-            continue
-        w = mod.weight.detach().float().flatten().cpu()
-        k = int(round(sparsity * w.numel()))
-        keep = torch.ones(w.numel(), dtype=torch.bool)
-        if k:
-            keep[torch.argsort(w.abs(), stable=True)[:k]] = False
-        masks[name] = keep.view_as(mod.weight)
-    return masks
 
 
 def same_architecture(a_cfg, b_cfg) -> bool:

@@ -4,25 +4,20 @@ A run is a list of phases. Without gradual pruning there is one phase at the stu
 mask; with ``gradual=(0.5, 0.65)`` and ``target_sparsity=0.8`` the phases prune to 50%, 65%
 and 80% in turn (each re-pruning keeps every earlier pruned weight pruned). Each phase:
 optional block-wise reconstruction (``blockwise.py``), then end-to-end knowledge distillation
-(KL on logits with temperature, optional SquareHead hidden-state matching and hard-label
-cross-entropy), AdamW, linear warm-up + cosine decay, gradient accumulation, optional bf16
+(``step.py``: KL on logits with temperature, optional SquareHead hidden-state matching and
+hard-label cross-entropy), AdamW, linear warm-up + cosine decay to a horizon fixed by a step
+budget or fitted to a time budget (``schedule.py``), gradient accumulation, optional bf16
 autocast.
 
-The run directory ``out`` is at every save a loadable checkpoint (``ipu_sparse.json``,
-``model.safetensors``, tokenizer, ``mask.safetensors``) plus ``train_state.pt`` (optimizer,
-schedule position, data position, RNG state, history) and ``history.json``; it is replaced
-atomically. The batch of micro-step k is a pure function of (seed, k) and nothing else is
-random, so ``resume`` continues bit-for-bit where the run stopped. Ctrl-C (SIGINT) finishes
-the current step, saves and stops; a second Ctrl-C aborts.
+The run directory ``out`` is at every save a loadable checkpoint plus the training state
+(``state.py``, ``run_io.py``: optimizer, schedule position, data position, RNG state, history);
+it is replaced atomically. The batch of micro-step k is a pure function of (seed, k) and nothing
+else is random, so ``resume`` continues bit-for-bit where the run stopped. Ctrl-C (SIGINT)
+finishes the current step, saves and stops; a second Ctrl-C aborts.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import math
-import os
-import random
 import signal
 import sys
 import threading
@@ -34,15 +29,18 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from ..errors import UserError
-from .data import TokenWindows, model_fingerprint
-from .losses import HiddenCapture, hidden_loss, kd_loss, next_token_nll
-from .masks import (MASK_FILE, Masks, apply_masks_, load_mask_file, magnitude_masks, mask_gradients_,
-                    mask_sparsity, masks_to, save_masks)
-
-STATE_FILE = "train_state.pt"
-HISTORY_FILE = "history.json"
-PLOT_FILE = "loss_curve.png"
-STATE_VERSION = 1
+from ..eval.perplexity import ppl_from_nll
+from ..loading import save_checkpoint
+from ..prune import magnitude_masks
+from .blockwise import reconstruct_blocks_
+from .data import TokenWindows, model_fingerprint, windows_fingerprint
+from .losses import HiddenCapture, kd_loss, next_token_nll
+from .masks import MASK_FILE, Masks, apply_masks_, mask_sparsity, masks_to
+from .prune_bridge import prune_with_project_method
+from .run_io import check_out, load_run, write_run
+from .schedule import PhaseHorizon, TimeBudget, fixed_horizons, lr_at
+from .state import TrainState
+from .step import kd_step, set_trainable_
 
 
 @dataclass
@@ -124,25 +122,6 @@ class RecoverConfig:
         return [self.target_sparsity]  # None: keep the student's own mask
 
 
-def lr_at(step: int, base: float, warmup: int, horizon: Optional[int], min_ratio: float) -> float:
-    """Linear warm-up over ``warmup`` steps (at most a fifth of a known horizon), then cosine from ``base``
-    to ``min_ratio * base`` at ``horizon``."""
-    if horizon is not None:
-        warmup = min(warmup, max(1, horizon // 5))
-    if step < warmup:
-        return base * (step + 1) / warmup
-    if horizon is None or horizon <= warmup:
-        return base
-    frac = min(1.0, (step - warmup) / max(1, horizon - warmup))
-    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
-
-
-def windows_fingerprint(windows: TokenWindows) -> str:
-    h = hashlib.sha256(windows.train.numpy().astype("int64").tobytes())
-    h.update(windows.heldout.numpy().astype("int64").tobytes())
-    return h.hexdigest()[:16]
-
-
 class _StopFlag:
     """SIGINT sets a flag (the loop saves and stops after the current step); a second SIGINT aborts."""
 
@@ -172,8 +151,6 @@ def default_reprune(student, sparsity: float, method: str, calib_ids: torch.Tens
     if method == "magnitude":
         masks = magnitude_masks(student, sparsity)
     else:
-        from .prune_bridge import prune_with_project_method
-
         masks = prune_with_project_method(student, sparsity, method, calib_ids)
     if old_masks is not None:
         masks = {k: masks[k] & old_masks[k] for k in masks}
@@ -187,7 +164,7 @@ class Recovery:
                  masks: Optional[Masks] = None, resume: bool = False, overwrite: bool = False,
                  progress: bool = True, student_source: str = "student", extra_meta: Optional[dict] = None,
                  reprune: Callable = default_reprune, log: Callable[[str], None] = None,
-                 extra_eval: Optional[Callable[[Any], Dict[str, float]]] = None):
+                 extra_eval: Optional[Callable[[Any], Dict[str, float]]] = None, save_format: str = "dense"):
         cfg.validate()
         if windows.seq_len != cfg.seq_len:
             raise UserError(f"windows have {windows.seq_len} tokens, config says seq_len {cfg.seq_len}")
@@ -199,10 +176,12 @@ class Recovery:
         # extra_eval(model) -> metrics, run at every evaluation (e.g. a quick WikiText-2 ppl for a curve);
         # evaluation time is not charged to --max-minutes
         self.extra_eval = extra_eval
-        self._eval_s = 0.0
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.device = next(student.parameters()).device
         self.student_source = student_source
+        # checkpoint kind of the run directory and snapshots: the student's own (a sparse student is
+        # trained densified with its mask held, and written back in its format with fp32 values)
+        self.save_format = save_format
         if masks is None and not cfg.gradual:
             raise UserError(f"{student_source}: no sparsity mask given and no gradual pruning requested")
         self.masks = masks
@@ -212,115 +191,41 @@ class Recovery:
             "student": model_fingerprint(student),
             "data": windows_fingerprint(windows),
         }
-        self._check_out(resume, overwrite)
-        self.state: Dict[str, Any] = {
-            "version": STATE_VERSION, "phase": 0, "stage": "prune", "block": 0, "phase_step": 0,
-            "global_step": 0, "micro_step": 0, "tokens": 0, "block_tokens": 0, "elapsed_s": 0.0,
-            "horizons": {}, "history": [], "finished": False, "optimizer": None, "rng": None,
-        }
+        check_out(self.out, resume, overwrite)
+        self.state = TrainState()
         if resume:
-            self._load_resume()
-        self._session_start = time.time()
-        self._elapsed_base = self.state["elapsed_s"]
+            self.state, saved_masks = load_run(self.out, self.identity, self.student)
+            if saved_masks is not None:
+                self.masks = saved_masks
+        self.budget = TimeBudget(cfg.max_minutes, spent_s=self.state.elapsed_s)
         self._last_save = time.time()
         self.stop_flag = _StopFlag()
         self.stop_reason: Optional[str] = None
 
-    # ----- output directory ----------------------------------------------------
-    def _check_out(self, resume: bool, overwrite: bool) -> None:
-        out = self.out
-        if resume:
-            if not (out / STATE_FILE).is_file():
-                raise UserError(f"{out}: nothing to resume (no {STATE_FILE})")
-            return
-        if out.exists() and not overwrite:
-            what = "a recovery run" if (out / STATE_FILE).is_file() else "something"
-            raise UserError(f"{out}: already holds {what}; pass --resume to continue it or --overwrite to replace it")
-
-    def _load_resume(self) -> None:
-        try:
-            state = torch.load(str(self.out / STATE_FILE), map_location="cpu")
-        except Exception as exc:  # a truncated or foreign file
-            raise UserError(f"{self.out / STATE_FILE}: unreadable training state ({exc})") from None
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise UserError(f"{self.out / STATE_FILE}: not a recovery state of version {STATE_VERSION}")
-        saved = state["identity"]
-        if saved != self.identity:
-            diffs = []
-            for key in ("teacher", "student", "data"):
-                if saved.get(key) != self.identity[key]:
-                    diffs.append(f"{key} differs")
-            sc, nc = saved.get("config", {}), self.identity["config"]
-            for k in sorted(set(sc) | set(nc)):
-                if sc.get(k) != nc.get(k):
-                    diffs.append(f"{k}: run has {sc.get(k)!r}, now {nc.get(k)!r}")
-            raise UserError(f"{self.out}: cannot resume: this run was made with a different configuration ("
-                            + "; ".join(diffs[:6]) + ")")
-        from safetensors.torch import load_file
-
-        from ..loading import load_state_dict_strict
-
-        sd = load_file(str(self.out / "model.safetensors"))
-        load_state_dict_strict(self.student, {k: v.to(self.device) for k, v in sd.items()}, str(self.out))
-        if (self.out / MASK_FILE).is_file():
-            self.masks = load_mask_file(self.out / MASK_FILE, self.student)
-        self.state = state
-        if state.get("rng") is not None:
-            torch.set_rng_state(state["rng"]["torch"])
-            random.setstate(state["rng"]["python"])
-
     def elapsed(self) -> float:
-        """Training seconds so far (all sessions), evaluation time excluded."""
-        return self._elapsed_base + (time.time() - self._session_start) - self._eval_s
+        """Training seconds so far (all sessions), evaluation excluded."""
+        return self.budget.elapsed()
 
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.batch_size * self.cfg.grad_accum * self.cfg.seq_len
+
+    # ----- saving ----------------------------------------------------------------------
     def save(self, final: bool = False) -> None:
-        from ..checkpoint import atomic_directory, save_dense_checkpoint
-
         st = self.state
-        st["elapsed_s"] = self.elapsed()
-        st["identity"] = self.identity
-        st["rng"] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        st.elapsed_s = self.elapsed()
         meta = dict(self.extra_meta)
         meta["mask_file"] = MASK_FILE
         meta["recovery"] = {
-            "finished": st["finished"], "phase": st["phase"], "stage": st["stage"], "steps": st["global_step"],
-            "tokens": st["tokens"], "block_tokens": st["block_tokens"], "elapsed_s": round(st["elapsed_s"], 1),
+            "finished": st.finished, "phase": st.phase, "stage": st.stage, "steps": st.global_step,
+            "tokens": st.tokens, "block_tokens": st.block_tokens, "elapsed_s": round(st.elapsed_s, 1),
             "sparsity": mask_sparsity(self.masks) if self.masks else None, "config": self.cfg.identity(),
             "source": self.windows.source,
         }
-        with atomic_directory(self.out, overwrite=True) as tmp:
-            inner = tmp / "checkpoint"
-            save_dense_checkpoint(self.student, self.tokenizer, inner, extra_meta=meta)
-            for f in inner.iterdir():
-                os.replace(f, tmp / f.name)
-            inner.rmdir()
-            if self.masks:
-                save_masks(self.masks, tmp / MASK_FILE)
-            torch.save(st, str(tmp / STATE_FILE))
-            (tmp / HISTORY_FILE).write_text(json.dumps({"config": dataclasses.asdict(self.cfg), "source": self.windows.source,
-                                                        "history": st["history"]}, indent=0))
-            if final:
-                try:
-                    from .plot import plot_history
-
-                    plot_history(st["history"], tmp / PLOT_FILE, title=f"recovery of {self.student_source}")
-                except ImportError:
-                    pass
+        history = {"config": dataclasses.asdict(self.cfg), "source": self.windows.source, "history": st.history}
+        write_run(self.out, self.student, self.tokenizer, self.masks, st, self.identity, meta, history,
+                  plot_title=f"recovery of {self.student_source}" if final else None, fmt=self.save_format)
         self._last_save = time.time()
-
-    # ----- budget ----------------------------------------------------------------
-    def _should_stop(self) -> bool:
-        if self.stop_flag.requested:
-            self.stop_reason = "interrupted"
-            return True
-        if self.cfg.max_minutes is not None and self.elapsed() >= self.cfg.max_minutes * 60:
-            self.stop_reason = "time budget reached"
-            return True
-        return False
-
-    def _stop_or_snapshot(self) -> bool:
-        self._maybe_snapshot()
-        return self._should_stop()
 
     def _maybe_save(self) -> None:
         self._maybe_snapshot()
@@ -334,31 +239,34 @@ class Recovery:
     def _maybe_snapshot(self) -> None:
         """Save the student once training time passes each of ``snapshot_minutes`` (a dense checkpoint
         with its mask, beside the run directory; the run's state records which were taken)."""
-        from ..checkpoint import save_dense_checkpoint
-
-        taken = self.state.setdefault("snapshots", {})
+        st = self.state
         for m in self.cfg.snapshot_minutes:
-            if str(m) in taken or self.elapsed() < m * 60:
+            if str(m) in st.snapshots or self.elapsed() < m * 60:
                 continue
-            st = self.state
-            info = {"minutes": m, "elapsed_s": round(self.elapsed(), 1), "steps": st["global_step"],
-                    "tokens": st["tokens"], "block_tokens": st["block_tokens"], "stage": st["stage"]}
+            info = {"minutes": m, "elapsed_s": round(self.elapsed(), 1), "steps": st.global_step,
+                    "tokens": st.tokens, "block_tokens": st.block_tokens, "stage": st.stage}
             meta = dict(self.extra_meta)
             meta["recovery_snapshot"] = info
-            save_dense_checkpoint(self.student, self.tokenizer, self.snapshot_dir(m), extra_meta=meta, overwrite=True)
-            taken[str(m)] = info
+            save_checkpoint(self.student, self.tokenizer, self.snapshot_dir(m), self.save_format, "fp32",
+                            extra_meta=meta, overwrite=True)
+            st.snapshots[str(m)] = info
             self.log(f"snapshot at {m:g} min of training: {self.snapshot_dir(m)}")
 
-    def _phase_horizons(self, n_phases: int) -> Optional[List[int]]:
-        cfg = self.cfg
-        total = cfg.steps
-        if total is None and cfg.max_tokens is not None:
-            total = max(1, cfg.max_tokens // (cfg.batch_size * cfg.grad_accum * cfg.seq_len))
-        if total is None:
-            return None
-        return [total // n_phases + (1 if i < total % n_phases else 0) for i in range(n_phases)]
+    # ----- stopping ----------------------------------------------------------------------
+    def _should_stop(self) -> bool:
+        if self.stop_flag.requested:
+            self.stop_reason = "interrupted"
+            return True
+        if self.budget.exhausted():
+            self.stop_reason = "time budget reached"
+            return True
+        return False
 
-    # ----- evaluation --------------------------------------------------------------
+    def _stop_or_snapshot(self) -> bool:
+        self._maybe_snapshot()
+        return self._should_stop()
+
+    # ----- evaluation --------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, model) -> Dict[str, float]:
         """Mean next-token NLL (-> perplexity) and KL to the teacher on the held-out windows."""
@@ -373,64 +281,66 @@ class Recovery:
             nll += next_token_nll(logits, x).item() * x.shape[0]
             kl += kd_loss(logits, t_logits, 1.0).item() * x.shape[0]
             n += x.shape[0]
-        return {"heldout_ppl": math.exp(nll / n), "heldout_kl": kl / n}
+        return {"heldout_ppl": ppl_from_nll(nll / n), "heldout_kl": kl / n}
 
     def _eval_record(self, label: str) -> None:
         t0 = time.time()
+        st = self.state
         self.student.eval()
-        rec = {"eval": label, "step": self.state["global_step"], "tokens": self.state["tokens"],
-               "block_tokens": self.state["block_tokens"], "phase": self.state["phase"],
-               "elapsed_s": round(self.elapsed(), 1)}
+        rec = {"eval": label, "step": st.global_step, "tokens": st.tokens, "block_tokens": st.block_tokens,
+               "phase": st.phase, "elapsed_s": round(self.elapsed(), 1)}
         rec.update(self.evaluate(self.student))
         if self.extra_eval is not None:
             rec.update(self.extra_eval(self.student))
             self.student.eval()
-        self.state["history"].append(rec)
+        st.history.append(rec)
         self.log(f"[eval] {label}: step {rec['step']} tokens {rec['tokens']:,} held-out ppl {rec['heldout_ppl']:.3f} "
                  f"KL {rec['heldout_kl']:.4f}" + "".join(f" {k} {v:.3f}" for k, v in rec.items()
                                                      if k.startswith("x_") and isinstance(v, float)))
-        self._eval_s += time.time() - t0
+        self.budget.exclude(time.time() - t0)
 
-    # ----- the run ------------------------------------------------------------------
+    def _eval_teacher(self) -> None:
+        t0 = time.time()
+        t = self.evaluate(self.teacher)
+        rec = {"eval": "teacher", "step": 0, "tokens": 0, "block_tokens": 0, "phase": 0,
+               "heldout_ppl": t["heldout_ppl"], "heldout_kl": 0.0, "elapsed_s": 0.0}
+        if self.extra_eval is not None:
+            rec.update(self.extra_eval(self.teacher))
+        self.state.history.append(rec)
+        self.log(f"[eval] teacher held-out ppl {t['heldout_ppl']:.3f}")
+        self.budget.exclude(time.time() - t0)
+
+    # ----- the run ------------------------------------------------------------------------
     def run(self) -> Dict[str, Any]:
         cfg, st = self.cfg, self.state
         self.teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        if st["finished"]:
+        if st.finished:
             self.log(f"{self.out}: run already finished")
             return self.summary()
-        if self.cfg.max_minutes is not None and self.elapsed() >= self.cfg.max_minutes * 60:
-            self.log(f"{self.out}: time budget of {self.cfg.max_minutes:g} min already spent (raise --max-minutes to go on)")
+        if self.budget.exhausted():
+            self.log(f"{self.out}: time budget of {cfg.max_minutes:g} min already spent (raise --max-minutes to go on)")
             self.stop_reason = "time budget reached"
             return self.summary()
         phases = cfg.phase_sparsities()
-        if not st["history"]:
-            t0 = time.time()
-            t = self.evaluate(self.teacher)
-            rec = {"eval": "teacher", "step": 0, "tokens": 0, "block_tokens": 0, "phase": 0,
-                   "heldout_ppl": t["heldout_ppl"], "heldout_kl": 0.0, "elapsed_s": 0.0}
-            if self.extra_eval is not None:
-                rec.update(self.extra_eval(self.teacher))
-            st["history"].append(rec)
-            self.log(f"[eval] teacher held-out ppl {t['heldout_ppl']:.3f}")
-            self._eval_s += time.time() - t0
+        if not st.history:
+            self._eval_teacher()
         with self.stop_flag:
-            while st["phase"] < len(phases) and not self._should_stop():
-                ph = st["phase"]
-                if st["stage"] == "prune":
+            while st.phase < len(phases) and not self._should_stop():
+                ph = st.phase
+                if st.stage == "prune":
                     self._prune_stage(phases[ph])
-                if st["stage"] == "block":
+                if st.stage == "block":
                     if not self._block_stage():
                         break
-                if st["stage"] == "kd":
+                if st.stage == "kd":
                     if not self._kd_stage(ph, len(phases)):
                         break
                     self._eval_record(f"end of phase {ph}")
-                    st["phase"] += 1
-                    st["stage"], st["block"], st["phase_step"], st["optimizer"] = "prune", 0, 0, None
-            if st["phase"] >= len(phases):
-                st["finished"] = True
+                    st.next_phase()
+            if st.phase >= len(phases):
+                st.finished = True
         if self.stop_reason:
             self.log(f"stopped: {self.stop_reason} (resume with --resume)")
             self._eval_record(f"stop ({self.stop_reason})")
@@ -442,14 +352,14 @@ class Recovery:
         if sparsity is not None:
             calib = self._block_ids()
             self.masks = self.reprune(self.student, sparsity, self.cfg.prune_method, calib, self.masks)
-            self.log(f"phase {st['phase']}: pruned to {mask_sparsity(self.masks):.4f} ({self.cfg.prune_method})")
+            self.log(f"phase {st.phase}: pruned to {mask_sparsity(self.masks):.4f} ({self.cfg.prune_method})")
         apply_masks_(self.student, self.masks)
-        st["stage"] = "block" if self.cfg.block_epochs > 0 else "kd"
-        self._eval_record(f"phase {st['phase']} start")
+        st.stage = "block" if self.cfg.block_epochs > 0 else "kd"
+        self._eval_record(f"phase {st.phase} start")
 
     def _block_ids(self) -> torch.Tensor:
         n = self.windows.train.shape[0]
-        g = torch.Generator().manual_seed(self.cfg.seed * 7919 + 17 + self.state["phase"])
+        g = torch.Generator().manual_seed(self.cfg.seed * 7919 + 17 + self.state.phase)
         return self.windows.train[torch.randperm(n, generator=g)[: min(n, self.cfg.block_windows)]]
 
     def _block_stage(self) -> bool:
@@ -457,183 +367,106 @@ class Recovery:
         ids = self._block_ids()
 
         def done(i, rec):
-            rec = dict(rec, phase=st["phase"], elapsed_s=round(self.elapsed(), 1))
-            st["history"].append(rec)
-            st["block"] = i + 1
-            st["block_tokens"] += rec["tokens"]
+            rec = dict(rec, phase=st.phase, elapsed_s=round(self.elapsed(), 1))
+            st.history.append(rec)
+            st.block = i + 1
+            st.block_tokens += rec["tokens"]
             self._maybe_save()
 
         self.student.eval()
-        nxt = reconstruct_blocks(self.teacher, self.student, masks_to(self.masks, self.device), ids, cfg.block_epochs,
-                                 cfg.block_batch, cfg.block_lr, cfg.seed + 101 * st["phase"], start_block=st["block"],
-                                 bf16=cfg.bf16, should_stop=self._stop_or_snapshot, on_block_done=done,
-                                 progress=self.progress)
+        nxt = reconstruct_blocks_(self.teacher, self.student, masks_to(self.masks, self.device), ids, cfg.block_epochs,
+                                  cfg.block_batch, cfg.block_lr, cfg.seed + 101 * st.phase, start_block=st.block,
+                                  bf16=cfg.bf16, should_stop=self._stop_or_snapshot, on_block_done=done,
+                                  progress=self.progress)
         if nxt < len(self.student.layers):
-            st["block"] = nxt
+            st.block = nxt
             return False
-        st["stage"], st["block"] = "kd", 0
-        self._eval_record(f"phase {st['phase']} after block reconstruction")
+        st.stage, st.block = "kd", 0
+        self._eval_record(f"phase {st.phase} after block reconstruction")
         return True
 
-    def _trainable(self) -> List[torch.nn.Parameter]:
-        params, seen = [], set()
-        frozen = set() if self.cfg.train_embeddings else {id(self.student.embed.weight), id(self.student.lm_head.weight)}
-        for p in self.student.parameters():
-            if id(p) in seen or id(p) in frozen:
-                continue
-            seen.add(id(p))
-            params.append(p)
-        return params
+    def _fixed_horizon(self, ph: int, n_phases: int) -> Optional[int]:
+        """This phase's share of a step budget (``--steps``, or ``--max-tokens`` in steps); None without one."""
+        total = self.cfg.steps
+        if total is None and self.cfg.max_tokens is not None:
+            total = max(1, self.cfg.max_tokens // self.tokens_per_step)
+        horizons = fixed_horizons(total, n_phases)
+        return None if horizons is None else horizons[ph]
+
+    def _progress_bar(self, total: Optional[int], initial: int, desc: str):
+        if not self.progress:
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
 
     def _kd_stage(self, ph: int, n_phases: int) -> bool:
+        """End-to-end distillation of phase ``ph`` up to its horizon; False if it stopped before."""
         cfg, st = self.cfg, self.state
-        student, teacher = self.student, self.teacher
-        params = self._trainable()
-        for p in student.parameters():
-            p.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
+        params = set_trainable_(self.student, cfg.train_embeddings)
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        if st["optimizer"] is not None:
-            opt.load_state_dict(st["optimizer"])
+        if st.optimizer is not None:
+            opt.load_state_dict(st.optimizer)
         masks = masks_to(self.masks, self.device)
-        horizons = self._phase_horizons(n_phases)
-        if horizons is not None:
-            st["horizons"][str(ph)] = horizons[ph]
-        horizon = st["horizons"].get(str(ph))
-        amp = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
-        cap_t = HiddenCapture(teacher) if cfg.hidden_weight > 0 else None
-        cap_s = HiddenCapture(student) if cfg.hidden_weight > 0 else None
-        tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
-        bar = None
-        if self.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=horizon, initial=st["phase_step"], desc=f"distillation phase {ph}", unit="step",
-                       dynamic_ncols=True)
-        t_steps: List[float] = []
-        completed = True
-        student.train()
+        horizon = PhaseHorizon(st, ph, n_phases, self._fixed_horizon(ph, n_phases), self.budget,
+                               self.tokens_per_step, self.log)
+        captures = (HiddenCapture(self.teacher), HiddenCapture(self.student)) if cfg.hidden_weight > 0 else None
+        bar = self._progress_bar(horizon.steps, st.phase_step, f"distillation phase {ph}")
+        self.student.train()
         try:
-            while horizon is None or st["phase_step"] < horizon:
+            while not horizon.reached():
                 if self._should_stop():
-                    completed = False
-                    break
-                if cfg.stop_after is not None and st["global_step"] >= cfg.stop_after:
-                    self.stop_reason = f"paused after {st['global_step']} steps (--stop-after)"
-                    completed = False
-                    break
+                    return False
+                if cfg.stop_after is not None and st.global_step >= cfg.stop_after:
+                    self.stop_reason = f"paused after {st.global_step} steps (--stop-after)"
+                    return False
                 t0 = time.time()
-                lr = lr_at(st["phase_step"], cfg.lr, cfg.warmup_steps, horizon, cfg.min_lr_ratio)
-                for group in opt.param_groups:
-                    group["lr"] = lr
-                opt.zero_grad(set_to_none=True)
-                parts = {"kd": 0.0, "hidden": 0.0, "ce": 0.0, "loss": 0.0}
-                for _ in range(cfg.grad_accum):
-                    ids = self.windows.batch(st["micro_step"], cfg.batch_size, cfg.seed).to(self.device)
-                    st["micro_step"] += 1
-                    with torch.no_grad(), amp:
-                        t_logits = teacher(ids)
-                    t_hidden = cap_t.pop() if cap_t else None
-                    with amp:
-                        s_logits = student(ids)
-                    s_hidden = cap_s.pop() if cap_s else None
-                    loss = torch.zeros((), device=self.device)
-                    if cfg.kd_weight:
-                        kd = kd_loss(s_logits, t_logits, cfg.temperature)
-                        loss = loss + cfg.kd_weight * kd
-                        parts["kd"] += kd.item() / cfg.grad_accum
-                    if cfg.hidden_weight:
-                        hl = hidden_loss(s_hidden, t_hidden)
-                        loss = loss + cfg.hidden_weight * hl
-                        parts["hidden"] += hl.item() / cfg.grad_accum
-                    if cfg.ce_weight:
-                        ce = next_token_nll(s_logits, ids)
-                        loss = loss + cfg.ce_weight * ce
-                        parts["ce"] += ce.item() / cfg.grad_accum
-                    parts["loss"] += loss.item() / cfg.grad_accum
-                    (loss / cfg.grad_accum).backward()
-                    del t_logits, s_logits, loss
-                mask_gradients_(student, masks)
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                apply_masks_(student, masks)
-                st["phase_step"] += 1
-                st["global_step"] += 1
-                st["tokens"] += tokens_per_step
-                st["optimizer"] = opt.state_dict()
+                lr = lr_at(st.phase_step, cfg.lr, cfg.warmup_steps, horizon.steps, cfg.min_lr_ratio)
+                batches = [self.windows.batch(st.micro_step + i, cfg.batch_size, cfg.seed).to(self.device)
+                           for i in range(cfg.grad_accum)]
+                parts = kd_step(self.student, self.teacher, opt, params, batches, lr, masks, cfg, captures)
+                st.micro_step += cfg.grad_accum
+                st.phase_step += 1
+                st.global_step += 1
+                st.tokens += self.tokens_per_step
+                st.optimizer = opt.state_dict()
                 dt = time.time() - t0
-                t_steps.append(dt)
-                rec = {"step": st["global_step"], "phase": ph, "tokens": st["tokens"], "lr": lr,
+                rec = {"step": st.global_step, "phase": ph, "tokens": st.tokens, "lr": lr,
                        "elapsed_s": round(self.elapsed(), 2), "step_s": round(dt, 3)}
                 rec.update({k: round(v, 6) for k, v in parts.items()})
-                st["history"].append(rec)
-                refit = st.setdefault("horizon_refit", [])
-                if horizon is None and len(t_steps) >= 3:
-                    horizon = self._estimate_horizon(t_steps, ph, n_phases)
-                    st["horizons"][str(ph)] = horizon
-                    if bar is not None:
-                        bar.total = horizon
-                elif (horizons is None and len(t_steps) == 20 and ph not in refit
-                      and st["phase_step"] < horizon):
-                    # once more from 20 steps' times: the first ones are often slower (caches, warm-up), and
-                    # a horizon fitted to them would end the schedule well before the budget
-                    horizon = self._estimate_horizon(t_steps[5:], ph, n_phases)
-                    st["horizons"][str(ph)] = horizon
-                    refit.append(ph)
-                    if bar is not None:
-                        bar.total = horizon
+                st.history.append(rec)
+                if horizon.observe(dt) and bar is not None:
+                    bar.total = horizon.steps
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{parts['loss']:.4f}", tok_s=f"{tokens_per_step / max(dt, 1e-9):.0f}",
+                    bar.set_postfix(loss=f"{parts['loss']:.4f}", tok_s=f"{self.tokens_per_step / max(dt, 1e-9):.0f}",
                                     lr=f"{lr:.2e}")
-                if cfg.eval_every and st["global_step"] % cfg.eval_every == 0:
-                    self._eval_record(f"step {st['global_step']}")
-                    student.train()
+                if cfg.eval_every and st.global_step % cfg.eval_every == 0:
+                    self._eval_record(f"step {st.global_step}")
+                    self.student.train()
                 self._maybe_save()
+            return True
         finally:
             if bar is not None:
                 bar.close()
-            for cap in (cap_t, cap_s):
-                if cap:
-                    cap.remove()
-            student.eval()
+            for cap in captures or ():
+                cap.remove()
+            self.student.eval()
             for p in params:
                 p.requires_grad_(False)
                 p.grad = None
-        return completed
-
-    def _estimate_horizon(self, t_steps: List[float], ph: int, n_phases: int) -> int:
-        """Steps this phase can take in its share of the remaining time (``--max-minutes`` only)."""
-        per_step = sorted(t_steps[1:])[len(t_steps[1:]) // 2]  # median, skipping the first listed step
-        remaining = self.cfg.max_minutes * 60 - self.elapsed()  # evaluation time is not charged to the budget
-        # this phase's equal share of what is left, counting the distillation time it has already had
-        # (so that a refit does not hand the current phase a share of the later phases' time)
-        done = self.state["phase_step"]
-        share = (remaining + done * per_step) / (n_phases - ph)
-        horizon = max(done + 1, int(share / per_step))
-        self.log(f"phase {ph}: {per_step:.2f} s/step measured -> schedule horizon {horizon} steps "
-                 f"(~{horizon * self.cfg.batch_size * self.cfg.grad_accum * self.cfg.seq_len:,} tokens)")
-        return horizon
 
     def summary(self) -> Dict[str, Any]:
         st = self.state
-        evals = [h for h in st["history"] if "eval" in h]
+        evals = [h for h in st.history if "eval" in h]
         first = next((h for h in evals if h["eval"] != "teacher"), None)
         teacher = next((h for h in evals if h["eval"] == "teacher"), None)
         return {
-            "out": str(self.out), "finished": st["finished"], "stop_reason": self.stop_reason,
-            "steps": st["global_step"], "tokens": st["tokens"], "block_tokens": st["block_tokens"],
+            "out": str(self.out), "finished": st.finished, "stop_reason": self.stop_reason,
+            "steps": st.global_step, "tokens": st.tokens, "block_tokens": st.block_tokens,
             "elapsed_s": round(self.elapsed(), 1), "sparsity": mask_sparsity(self.masks) if self.masks else None,
             "teacher_heldout_ppl": teacher["heldout_ppl"] if teacher else None,
             "start_heldout_ppl": first["heldout_ppl"] if first else None,
             "final_heldout_ppl": evals[-1]["heldout_ppl"] if evals else None,
             "source": self.windows.source,
         }
-
-
-def reconstruct_blocks(*args, **kwargs):
-    from .blockwise import reconstruct_blocks_
-
-    return reconstruct_blocks_(*args, **kwargs)

@@ -61,25 +61,11 @@ class LayerRow:
         return d
 
 
-def _projection_shapes(cfg: ModelConfig):
-    d, hd = cfg.d_model, cfg.head_dim
-    attn_b, mlp_b = cfg.attn_bias, cfg.mlp_bias
-    for i in range(cfg.n_layers):
-        yield f"layers.{i}.attn.q_proj", cfg.n_heads * hd, d, attn_b
-        yield f"layers.{i}.attn.k_proj", cfg.n_kv_heads * hd, d, attn_b
-        yield f"layers.{i}.attn.v_proj", cfg.n_kv_heads * hd, d, attn_b
-        yield f"layers.{i}.attn.o_proj", d, cfg.n_heads * hd, attn_b
-        if cfg.mlp == "swiglu":
-            yield f"layers.{i}.mlp.gate_proj", cfg.d_ff, d, mlp_b
-        yield f"layers.{i}.mlp.up_proj", cfg.d_ff, d, mlp_b
-        yield f"layers.{i}.mlp.down_proj", d, cfg.d_ff, mlp_b
-
-
 def rows_from_config(cfg: ModelConfig, sparsity: float, fmt: str = "bitmap", value_dtype: str = "fp16",
                      include_head: bool = False) -> List[LayerRow]:
     """Every projection at a uniform ``sparsity`` (nnz rounded to the nearest integer)."""
-    out = [LayerRow(n, r, c, int(round((1.0 - sparsity) * r * c)), fmt, value_dtype, b)
-           for n, r, c, b in _projection_shapes(cfg)]
+    out = [LayerRow(f"layers.{i}.{n}", r, c, int(round((1.0 - sparsity) * r * c)), fmt, value_dtype, b)
+           for i in range(cfg.n_layers) for n, r, c, b in cfg.layer_projections()]
     if include_head:
         r, c = cfg.vocab_size, cfg.d_model
         out.append(LayerRow("lm_head", r, c, int(round((1.0 - sparsity) * r * c)), fmt, value_dtype, False))

@@ -1,14 +1,14 @@
 """Sparse checkpoints: one safetensors file (no pickle) + ``ipu_sparse.json``.
 
-Directory layout (written atomically with ``ipu_sparse.checkpoint.atomic_directory``)::
+Directory layout (written atomically with ``ipu_sparse.fileio.atomic_directory``)::
 
-    ipu_sparse.json      {"format": "sparse", "version": 1, "config": {...}, "dtype": "float32",
+    ipu_sparse.json      {"format": "sparse", "version": 1, "config": {...}, "dtype": "bfloat16" (dense tensors),
                           "layers": {fqn: {"format", "shape", "nnz", "sparsity", "dtype", "bytes",
                                            "dense_fp16_bytes", "bias"}},
                           "head": {"kind": "tied" | "dense" | "sparse" | "low_precision", ...},
                           "totals": {...}, "files": {"model.safetensors": sha256}}
     model.safetensors    header metadata {"ipu_sparse": "sparse", "version": "1"}; dense tensors
-                         under their state-dict names; a sparse layer ``fqn`` as ``fqn.mask`` /
+                         under their state-dict names (in "dtype": 16-bit by default); a sparse layer ``fqn`` as ``fqn.mask`` /
                          ``fqn.col_idx``, ``fqn.row_ptr``, ``fqn.values`` (+ ``fqn.bias`` fp32)
     tokenizer.json, tokenizer_config.json (when a tokenizer is given)
 
@@ -25,10 +25,13 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..checkpoint import META_FILE, atomic_directory, sha256_file
+from ..checkpoint import META_FILE, check_finite, load_state_dict_strict, model_skeleton, read_meta
 from ..config import ModelConfig
 from ..errors import UserError
-from .formats import DTYPE_NAMES, FORMATS, format_class, format_nbytes, from_dense, from_tensors, value_dtype
+from ..fileio import atomic_directory, sha256_file
+from ..model import Transformer, set_module
+from .accounting import account, rows_from_meta
+from .formats import DTYPE_NAMES, format_class, format_nbytes, from_dense, from_tensors, value_dtype
 from .linear import LowPrecisionLinear, SparseConfig, SparseLinear
 
 SPARSE_FORMAT = "sparse"
@@ -63,7 +66,7 @@ def export_tensors(model, config: SparseConfig) -> Tuple[Dict[str, torch.Tensor]
     cfg = model.config.to_dict()
     tied = bool(model.config.tie_embeddings) and model.lm_head.weight is model.embed.weight \
         if isinstance(model.lm_head, nn.Linear) else False
-    tied = bool(getattr(model, "sparse_source_tied", tied))
+    tied = tied or model.head_untied
     targets = dict(model.linear_layers(include_head=config.include_head))
     tensors: Dict[str, torch.Tensor] = {}
     layers: Dict[str, Any] = {}
@@ -105,24 +108,38 @@ def export_tensors(model, config: SparseConfig) -> Tuple[Dict[str, torch.Tensor]
     return tensors, layers, cfg, head
 
 
+def _store_dense_as(tensors: Dict[str, torch.Tensor], layers: Dict[str, Any], head: dict,
+                    dt: torch.dtype) -> None:
+    """Cast the dense floating-point tensors (embedding, norms, dense layers) to ``dt`` in place;
+    sparse layers' tensors and biases and a low-precision head keep their own dtypes."""
+    own = tuple(f"{fqn}." for fqn in layers) + (("lm_head.",) if head["kind"] == "low_precision" else ())
+    for name, t in tensors.items():
+        if t.is_floating_point() and not name.startswith(own):
+            tensors[name] = t.to(dt)
+
+
 def save_sparse_checkpoint(model, tokenizer, out, format: str = "bitmap", dtype: str = "bf16",
                            include_head: bool = False, head_dtype: Optional[str] = None, min_sparsity: float = 0.0,
-                           extra_meta: Optional[Dict[str, Any]] = None, overwrite: bool = False) -> Path:
+                           extra_meta: Optional[Dict[str, Any]] = None, overwrite: bool = False,
+                           dense_dtype: Optional[str] = None) -> Path:
     """Save ``model`` (pruned dense weights with exact zeros, or already sparsified) as a sparse checkpoint.
 
     ``format``/``dtype``: storage of the decoder projections (and of the LM head with
     ``include_head``, which unties it from the embedding). ``head_dtype``: keep the head dense
-    but store it in that dtype. The model is not modified.
+    but store it in that dtype. ``dense_dtype``: storage of the dense tensors (embedding, norms);
+    default ``dtype``, so a bf16/fp16 checkpoint is 16-bit throughout and its size on disk is
+    what the accounting counts (``"fp32"`` keeps them exact). The model is not modified.
     """
     from safetensors.torch import save_file
 
     config = SparseConfig(format=format, dtype=dtype, include_head=include_head, min_sparsity=min_sparsity,
                           head_dtype=head_dtype)
+    dense_dt = value_dtype(dense_dtype if dense_dtype is not None else dtype)
     clash = sorted(_RESERVED & set(extra_meta or {}))
     if clash:
         raise UserError(f"extra_meta may not set reserved checkpoint fields: {clash}")
     tensors, layers, cfg, head = export_tensors(model, config)
-    dense_dtype = next((t.dtype for n, t in tensors.items() if n == "embed.weight"), torch.float32)
+    _store_dense_as(tensors, layers, head, dense_dt)
     sparse_bytes = sum(v["bytes"] for v in layers.values())
     dense16 = sum(v["dense_fp16_bytes"] for v in layers.values())
     nnz = sum(v["nnz"] for v in layers.values())
@@ -135,7 +152,7 @@ def save_sparse_checkpoint(model, tokenizer, out, format: str = "bitmap", dtype:
             "format": SPARSE_FORMAT,
             "version": SPARSE_VERSION,
             "config": cfg,
-            "dtype": _dtype_name(dense_dtype),
+            "dtype": _dtype_name(dense_dt),
             "layers": layers,
             "head": head,
             "totals": {
@@ -159,8 +176,7 @@ def _check_layer_meta(fqn: str, lm: Any, where: str) -> None:
     for key, typ in (("format", str), ("shape", list), ("nnz", int), ("dtype", str), ("bias", bool)):
         if not isinstance(lm.get(key), typ):
             raise UserError(f"{where}: layer {fqn}: field {key!r} missing or not a {typ.__name__}")
-    if lm["format"] not in FORMATS:
-        raise UserError(f"{where}: layer {fqn}: unknown format {lm['format']!r} (known: {', '.join(sorted(FORMATS))})")
+    format_class(lm["format"], where=f"{where}: layer {fqn}")
     if len(lm["shape"]) != 2 or not all(isinstance(s, int) and s >= 0 for s in lm["shape"]):
         raise UserError(f"{where}: layer {fqn}: bad shape {lm['shape']!r}")
     value_dtype(lm["dtype"])
@@ -228,14 +244,16 @@ class _Reader:
         self.used.add(name)
         return t
 
+    def shape(self, name: str) -> Tuple[int, ...]:
+        """A tensor's shape from the file header (nothing read)."""
+        if name not in self.names:
+            raise UserError(f"{self.path}: missing tensor {name}")
+        return tuple(int(d) for d in self.handle.get_slice(name).get_shape())
 
-def load_sparse_checkpoint(path, meta: Optional[Dict[str, Any]] = None, dtype: torch.dtype = torch.float32,
-                           device: str = "cpu"):
-    """Load a sparse checkpoint directory as ``ipu_sparse.loading.LoadedModel`` (validated first)."""
-    from ..checkpoint import load_tokenizer_for, read_meta
-    from ..loading import LoadedModel
-    from ..model import Transformer
 
+def load_sparse_model(path, meta: Optional[Dict[str, Any]] = None, dtype: torch.dtype = torch.float32,
+                      device: str = "cpu") -> Transformer:
+    """The model of a sparse checkpoint directory (metadata, hash, every tensor and index validated first)."""
     path = Path(path)
     meta = meta if meta is not None else read_meta(path)
     where = str(path / META_FILE)
@@ -248,8 +266,16 @@ def load_sparse_checkpoint(path, meta: Optional[Dict[str, Any]] = None, dtype: t
     reader = _Reader(st)
 
     # Skeleton without random initialisation: every tensor is overwritten from the file below.
-    with torch.device("meta"):
-        model = Transformer(cfg)
+    # The sizes the metadata claims are checked against the file's tensors before anything is allocated.
+    model = model_skeleton(cfg, reader.names, str(st))
+    head_skip = ("lm_head.",) if meta["head"]["kind"] == "low_precision" else ()
+    claimed = {k: tuple(v.shape) for k, v in model.state_dict().items()
+               if not k.startswith(tuple(f"{fqn}." for fqn in meta["layers"]) + head_skip)}
+    if cfg.tie_embeddings:
+        claimed.pop("lm_head.weight", None)
+    for name, shape in claimed.items():
+        if reader.shape(name) != shape:
+            raise UserError(f"{st}: tensor {name} has shape {reader.shape(name)}, config expects {shape}")
     model = model.to_empty(device="cpu").to(dtype=dtype)
     modules = dict(model.named_modules())
     for fqn, lm in meta["layers"].items():
@@ -267,17 +293,17 @@ def load_sparse_checkpoint(path, meta: Optional[Dict[str, Any]] = None, dtype: t
             raise UserError(f"{st}: {fqn}.values has dtype {matrix.dtype}, metadata says {lm['dtype']}")
         if matrix.nnz != lm["nnz"]:
             raise UserError(f"{st}: {fqn} has {matrix.nnz} non-zeros, metadata says {lm['nnz']}")
+        check_finite(stored["values"], f"{fqn}.values", str(st))
         bias = None
         if lm["bias"]:
             bias = reader.get(f"{fqn}.bias")
             if tuple(bias.shape) != (rows,) or bias.dtype != torch.float32:
                 raise UserError(f"{st}: tensor {fqn}.bias must be float32 of shape ({rows},), "
                                 f"got {bias.dtype} {tuple(bias.shape)}")
+            check_finite(bias, f"{fqn}.bias", str(st))
         elif (mod.bias is not None):
             raise UserError(f"{where}: layer {fqn} needs a bias but the metadata says it has none")
-        new = SparseLinear(matrix.to(device), None if bias is None else bias.to(device))
-        parent_name, _, child = fqn.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+        set_module(model, fqn, SparseLinear(matrix.to(device), None if bias is None else bias.to(device)))
 
     head = meta["head"]
     if head["kind"] == "low_precision":
@@ -285,36 +311,38 @@ def load_sparse_checkpoint(path, meta: Optional[Dict[str, Any]] = None, dtype: t
         if tuple(w.shape) != (cfg.vocab_size, cfg.d_model) or w.dtype != value_dtype(head["dtype"]):
             raise UserError(f"{st}: tensor lm_head.weight must be {head['dtype']} of shape "
                             f"{(cfg.vocab_size, cfg.d_model)}, got {w.dtype} {tuple(w.shape)}")
+        check_finite(w, "lm_head.weight", str(st))
         model.lm_head = LowPrecisionLinear(w, None, w.dtype)
 
     # Every remaining (dense) tensor: names and shapes must match the config exactly.
     sparse_prefixes = tuple(f"{fqn}." for fqn in meta["layers"]) + (("lm_head.",) if head["kind"] == "low_precision" else ())
-    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(sparse_prefixes)}
-    if cfg.tie_embeddings:
-        expected.pop("lm_head.weight", None)
-    extra = sorted(reader.names - reader.used - set(expected))
-    if extra:
-        raise UserError(f"{st}: {len(extra)} tensors the checkpoint metadata does not account for, e.g. {extra[:3]}")
-    with torch.no_grad():
-        for name, p in expected.items():
-            t = reader.get(name)
-            if tuple(t.shape) != tuple(p.shape):
-                raise UserError(f"{st}: tensor {name} has shape {tuple(t.shape)}, config expects {tuple(p.shape)}")
-            if not t.is_floating_point():
-                raise UserError(f"{st}: tensor {name} has unsupported dtype {t.dtype}")
-            p.copy_(t)
+    dense = {name: reader.get(name) for name in sorted(reader.names - reader.used)}
+    load_state_dict_strict(model, dense, str(st), skip=sparse_prefixes)
     if cfg.tie_embeddings and isinstance(model.lm_head, nn.Linear):
         model.lm_head.weight = model.embed.weight
-    model = model.to(device).eval()
-    return LoadedModel(model, load_tokenizer_for(path), str(path), meta)
+    return model.to(device).eval()
 
 
 def summarize(meta: Dict[str, Any], context: int = 512) -> Dict[str, Any]:
     """``accounting.account`` from the checkpoint metadata alone (no tensors read)."""
-    from .accounting import account, rows_from_meta
-
     cfg = ModelConfig.from_dict(meta["config"])
     head = meta["head"]
     return account(cfg, rows_from_meta(meta), context=context,
                    head_dtype=head.get("dtype") if head["kind"] == "low_precision" else None,
                    tied_in_source=bool(head.get("source_tied", cfg.tie_embeddings)))
+
+
+def disk_bytes(path) -> int:
+    """Bytes of the checkpoint's weights file on disk (what the accounting's whole-model bytes count)."""
+    st = Path(path) / WEIGHTS_FILE
+    if not st.is_file():
+        raise UserError(f"{path}: missing {WEIGHTS_FILE}")
+    return st.stat().st_size
+
+
+def format_disk_line(path, result: Dict[str, Any]) -> str:
+    """One line: the weights file's bytes on disk next to the accounting's bytes and the dense fp16 model."""
+    on_disk = disk_bytes(path)
+    w = result["whole_model"]
+    return (f"  on disk: {WEIGHTS_FILE} {on_disk / 1e6:.2f} MB = {100 * on_disk / w['bytes']:.1f}% of the accounting's "
+            f"{w['bytes'] / 1e6:.2f} MB = {100 * on_disk / w['dense_fp16_bytes']:.1f}% of dense fp16")

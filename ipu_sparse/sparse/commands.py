@@ -1,7 +1,17 @@
-"""CLI: ``ipu-sparse sparsify``, ``ipu-sparse inspect``, ``ipu-sparse account``."""
+"""CLI: ``ipu-sparse sparsify``, ``ipu-sparse inspect``, ``ipu-sparse account``.
+
+Handlers import the modules they run (models, loaders, kernels) inside the function, so
+`ipu-sparse --help` and argument errors stay fast; everything else is imported at the top.
+"""
 from __future__ import annotations
 
+import argparse
 import sys
+
+from ..config import PRESETS, ModelConfig, get_preset
+from ..errors import UserError
+from ..fileio import atomic_write_text, check_output_path, sha256_file
+from .formats import DEFAULT_FORMAT, FORMAT_NAMES
 
 
 def register(sub) -> None:
@@ -10,13 +20,15 @@ def register(sub) -> None:
                                    "format. --magnitude S prunes each projection to sparsity S by magnitude first "
                                    "(for quick speed/size tests; use `ipu-sparse prune` for accuracy).")
     p.add_argument("--model", required=True, help="checkpoint directory, .gguf file or preset name")
-    p.add_argument("--format", default="bitmap", choices=("bitmap", "csr16"), help="sparse format (default bitmap)")
+    p.add_argument("--format", default=DEFAULT_FORMAT, choices=FORMAT_NAMES, help=f"sparse format (default {DEFAULT_FORMAT})")
     p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"), help="value dtype (default bf16)")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--magnitude", type=float, default=None, metavar="SPARSITY",
                    help="magnitude-prune every selected projection to this sparsity first")
     p.add_argument("--include-head", action="store_true",
                    help="also prune (--magnitude) and store sparsely the LM head, as an untied copy")
+    p.add_argument("--dense-dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="storage of the dense tensors (embedding, norms); default: --dtype")
     p.add_argument("--head-dtype", choices=("fp32", "bf16", "fp16"), default=None,
                    help="keep the LM head dense but store it in this dtype (untied copy)")
     p.add_argument("--min-sparsity", type=float, default=0.0,
@@ -36,7 +48,7 @@ def register(sub) -> None:
                                    "--sparsity (uniform, no weights needed: works for every preset).")
     p.add_argument("--model", required=True, help="preset name, checkpoint directory or .gguf")
     p.add_argument("--sparsity", type=float, default=None, help="assume this uniform sparsity for every projection")
-    p.add_argument("--format", default="bitmap", choices=("bitmap", "csr16"))
+    p.add_argument("--format", default=DEFAULT_FORMAT, choices=FORMAT_NAMES)
     p.add_argument("--dtype", default="fp16", choices=("fp32", "bf16", "fp16"), help="value dtype (default fp16)")
     p.add_argument("--include-head", action="store_true", help="count the LM head as sparse (untied copy)")
     p.add_argument("--head-dtype", choices=("fp32", "bf16", "fp16"), default=None,
@@ -44,75 +56,52 @@ def register(sub) -> None:
     p.add_argument("--context", type=int, default=512, help="context length for attention FLOPs (default 512)")
     p.add_argument("--layers", action="store_true", help="print every layer")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=cmd_account)
 
 
 def _check_fraction(name: str, value) -> None:
-    from ..errors import UserError
-
     if value is not None and not 0.0 <= value < 1.0:
         raise UserError(f"{name} must be in [0, 1), got {value}")
 
 
-def magnitude_prune_(model, sparsity: float, include_head: bool = False) -> None:
-    """Zero the smallest-magnitude weights of each projection (per layer) to reach ``sparsity`` exactly."""
-    import torch
-
-    if include_head:
-        model.untie_lm_head_()
-    with torch.no_grad():
-        for _, mod in model.linear_layers(include_head=include_head):
-            w = mod.weight
-            k = int(round(sparsity * w.numel()))
-            if k == 0:
-                continue
-            a = w.detach().abs().flatten().float()
-            t = a.kthvalue(k).values  # O(n) threshold
-            drop = a < t
-            ties = (a == t).nonzero().flatten()[: k - int(drop.sum())]  # quantised weights tie a lot
-            drop[ties] = True
-            w.view(-1)[drop] = 0
-
-
 def cmd_sparsify(args) -> int:
     from ..loading import load_model
+    from ..prune.magnitude import magnitude_prune_
     from .checkpoint import save_sparse_checkpoint
 
     _check_fraction("--magnitude", args.magnitude)
     _check_fraction("--min-sparsity", args.min_sparsity)
+    check_output_path(args.out, args.overwrite)
     lm = load_model(args.model)
     model = lm.model
     extra = {"source": lm.source}
     if args.magnitude is not None:
-        if args.include_head and model.config.tie_embeddings:
-            model.sparse_source_tied = True
         magnitude_prune_(model, args.magnitude, include_head=args.include_head)
         extra["pruning"] = {"method": "magnitude", "sparsity": args.magnitude, "include_head": args.include_head}
     elif lm.meta and "pruning" in lm.meta:
         extra["pruning"] = lm.meta["pruning"]
     out = save_sparse_checkpoint(model, lm.tokenizer, args.out, format=args.format, dtype=args.dtype,
                                  include_head=args.include_head, head_dtype=args.head_dtype,
-                                 min_sparsity=args.min_sparsity, extra_meta=extra, overwrite=args.overwrite)
+                                 min_sparsity=args.min_sparsity, extra_meta=extra, overwrite=args.overwrite,
+                                 dense_dtype=args.dense_dtype)
     print(f"wrote {out}", file=sys.stderr)
-    return cmd_inspect(_Args(checkpoint=str(out), layers=False, verify=False))
-
-
-class _Args:
-    def __init__(self, **kw):
-        self.__dict__.update(kw)
+    return cmd_inspect(argparse.Namespace(checkpoint=str(out), layers=False, verify=False))
 
 
 def cmd_inspect(args) -> int:
     from ..checkpoint import read_meta
-    from ..errors import UserError
     from .accounting import format_table
-    from .checkpoint import SPARSE_FORMAT, summarize, validate_meta
+    from .checkpoint import SPARSE_FORMAT, format_disk_line, summarize, validate_meta
 
     meta = read_meta(args.checkpoint)
     if meta["format"] != SPARSE_FORMAT:
         if meta["format"] == "dense":
+            cfg = ModelConfig.from_dict(meta["config"])
             print(f"{args.checkpoint}: dense checkpoint (version {meta.get('version')}), "
-                  f"model {meta['config'].get('name')}, dtype {meta.get('dtype')}")
+                  f"model {cfg.name}, dtype {meta.get('dtype')}")
+            if args.verify:
+                verify_checkpoint(args.checkpoint, meta)
             return 0
         raise UserError(f"{args.checkpoint}: unknown checkpoint format {meta['format']!r}")
     validate_meta(meta, args.checkpoint)
@@ -123,23 +112,45 @@ def cmd_inspect(args) -> int:
           f"head {meta['head']['kind']}")
     if "pruning" in meta:
         print(f"pruning: {meta['pruning']}")
-    print(format_table(summarize(meta), per_layer=args.layers))
+    result = summarize(meta)
+    print(format_table(result, per_layer=args.layers))
+    print(format_disk_line(args.checkpoint, result))
     if args.verify:
-        from .checkpoint import load_sparse_checkpoint
-
-        load_sparse_checkpoint(args.checkpoint, meta)
-        print("verified: every tensor, shape and index bound is valid")
+        verify_checkpoint(args.checkpoint, meta)
     return 0
+
+
+def verify_checkpoint(path, meta) -> None:
+    """Check every file the metadata records against its hash, then load the checkpoint (any format:
+    every tensor's name, shape, dtype, index bound and finiteness). A checkpoint that records no
+    hashes is refused as unverifiable."""
+    from pathlib import Path
+
+    from ..checkpoint import META_FILE
+    from ..loading import load_checkpoint
+
+    files = meta.get("files") or {}
+    if not files:
+        raise UserError(f"{path}: unverifiable: {META_FILE} records no content hashes")
+    for name, want in sorted(files.items()):
+        f = Path(path) / name
+        if not f.is_file():
+            raise UserError(f"{f}: missing (recorded in {META_FILE})")
+        if sha256_file(f) != want:
+            raise UserError(f"{f}: content hash does not match {META_FILE} (corrupt or modified file)")
+    load_checkpoint(path)
+    print(f"verified: {len(files)} file hash(es), every tensor, shape, index bound and value is valid")
 
 
 def cmd_account(args) -> int:
     import json
     from pathlib import Path
 
-    from ..config import PRESETS, get_preset
     from .accounting import account, format_table, rows_from_config, rows_from_meta, rows_from_model
 
     _check_fraction("--sparsity", args.sparsity)
+    if args.json:
+        check_output_path(args.json, args.overwrite, directory=False)
     spec = args.model
     meta = None
     if spec in PRESETS and args.sparsity is not None:
@@ -148,11 +159,13 @@ def cmd_account(args) -> int:
         tied = cfg.tie_embeddings
     elif (Path(spec) / "ipu_sparse.json").is_file() and args.sparsity is None:
         from ..checkpoint import read_meta
-        from ..config import ModelConfig
 
         meta = read_meta(spec)
         cfg = ModelConfig.from_dict(meta["config"])
         if meta["format"] == "sparse":
+            from .checkpoint import validate_meta
+
+            validate_meta(meta, spec)
             rows = rows_from_meta(meta)
             tied = bool(meta["head"].get("source_tied", cfg.tie_embeddings))
         else:
@@ -175,8 +188,6 @@ def cmd_account(args) -> int:
     result = account(cfg, rows, context=args.context, head_dtype=head_dtype, tied_in_source=tied)
     print(format_table(result, per_layer=args.layers))
     if args.json:
-        from ..checkpoint import atomic_write_text
-
-        out = atomic_write_text(args.json, json.dumps(result, indent=1))
+        out = atomic_write_text(args.json, json.dumps(result, indent=1), args.overwrite)
         print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -1,4 +1,4 @@
-"""Sparse weight formats: exact dense <-> sparse conversion, validation, byte counts.
+"""Sparse weight formats: one class per format, and the registry of those classes.
 
 A weight W (rows, cols) = (out_features, in_features) with exact zeros is stored as:
 
@@ -19,10 +19,24 @@ A weight W (rows, cols) = (out_features, in_features) with exact zeros is stored
 
 v is the value size: 4 (fp32), 2 (bf16, fp16). Values are the non-zeros in row-major
 order in both formats, so converting between them only rebuilds the index.
+
+Each format class owns everything about its format: its byte count (``byte_parts`` /
+``nbytes_for``, the only byte formulas), its conversion from dense and its CSR view
+(``from_dense``, ``to_csr``), the compiled kernel that reads it (``kernel``,
+``kernel_matmul``) and its validation (``validate``). ``FORMATS`` maps a name to its class;
+command lines take their ``--format`` choices from it.
+
+Validation: building a format object from tensors (``CSR16(shape, row_ptr=..., ...)``,
+``from_tensors``) checks the index contents in O(nnz + rows cols / 8) vectorized torch ops --
+row_ptr starts at 0, is non-decreasing and ends at nnz, column indices are in range and
+strictly increasing within a row, the bitmap's popcount of each row equals its number of
+values, dtypes and shapes agree -- so the compiled kernel, which trusts the index, is never
+handed one that would read out of bounds. A failure raises ``FormatError`` (a ``ValueError``
+for library callers, and a ``UserError`` so the command line reports it as one line).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Type, Union
 
 import torch
 
@@ -30,10 +44,13 @@ from ..errors import UserError
 
 VALUE_DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES: Dict[torch.dtype, str] = {v: k for k, v in VALUE_DTYPES.items()}
-FORMAT_NAMES = ("bitmap", "csr16")
 DEFAULT_FORMAT = "bitmap"
 CSR16_MAX_COLS = 1 << 16
 MAX_NNZ = (1 << 31) - 1  # row_ptr is int32
+
+
+class FormatError(UserError, ValueError):
+    """Tensors that do not form a valid matrix of their format (index contents, dtypes or shapes)."""
 
 
 def value_dtype(spec: Union[str, torch.dtype]) -> torch.dtype:
@@ -55,6 +72,13 @@ def _value_size(value_dtype_spec) -> int:
     return torch.empty((), dtype=value_dtype(value_dtype_spec)).element_size()
 
 
+def _check_sizes(rows: int, cols: int, nnz: int) -> Tuple[int, int, int]:
+    rows, cols, nnz = int(rows), int(cols), int(nnz)
+    if rows < 0 or cols < 0 or nnz < 0 or nnz > rows * cols:
+        raise UserError(f"format_nbytes: bad sizes rows={rows} cols={cols} nnz={nnz}")
+    return rows, cols, nnz
+
+
 def format_nbytes(fmt: str, rows: int, cols: int, nnz: int, value_dtype="fp16") -> int:
     """Bytes of a (rows, cols) matrix with ``nnz`` non-zeros stored in ``fmt`` (every index byte counted).
 
@@ -63,17 +87,21 @@ def format_nbytes(fmt: str, rows: int, cols: int, nnz: int, value_dtype="fp16") 
     ``fmt`` may also be ``"dense"`` (rows * cols values). ``value_dtype``: "fp32",
     "bf16", "fp16", a torch dtype, or a size in bytes.
     """
-    rows, cols, nnz = int(rows), int(cols), int(nnz)
-    if rows < 0 or cols < 0 or nnz < 0 or nnz > rows * cols:
-        raise UserError(f"format_nbytes: bad sizes rows={rows} cols={cols} nnz={nnz}")
+    rows, cols, nnz = _check_sizes(rows, cols, nnz)
     v = _value_size(value_dtype)
     if fmt == "dense":
         return rows * cols * v
-    if fmt == "csr16":
-        return 4 * (rows + 1) + nnz * (2 + v)
-    if fmt == "bitmap":
-        return rows * ((cols + 7) // 8) + 4 * (rows + 1) + nnz * v
-    raise UserError(f"unknown sparse format {fmt!r} (known: dense, {', '.join(FORMAT_NAMES)})")
+    return format_class(fmt).nbytes_for(rows, cols, nnz, v)
+
+
+# ----- dense -> CSR: the one conversion every format builds on ----------------------------------
+
+def _check_dense(weight: torch.Tensor) -> torch.Tensor:
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise UserError(f"expected a 2-D weight tensor, got {getattr(weight, 'shape', type(weight))}")
+    if not weight.is_floating_point():
+        raise UserError(f"expected a floating-point weight, got {weight.dtype}")
+    return weight.detach().cpu()
 
 
 def _row_ptr_from_counts(counts: torch.Tensor) -> torch.Tensor:
@@ -82,17 +110,117 @@ def _row_ptr_from_counts(counts: torch.Tensor) -> torch.Tensor:
     return row_ptr.to(torch.int32)
 
 
+def _nonzeros(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(non-zero mask (rows, cols), row_ptr int32 (rows+1,), values (nnz,) row-major) of a checked dense weight."""
+    nz = w != 0
+    if int(nz.sum()) > MAX_NNZ:
+        raise UserError(f"matrix has more than {MAX_NNZ} non-zeros")
+    return nz, _row_ptr_from_counts(nz.sum(1)), w[nz]
+
+
+def csr_from_dense(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain CSR of the exact non-zeros: (row_ptr int32 (rows+1,), col_idx int32 (nnz,), values (nnz,)
+    in the weight's dtype), row-major. The dense -> CSR conversion of the package (csr16 and the
+    IPU's pattern files are built from it)."""
+    w = _check_dense(weight)
+    nz, row_ptr, values = _nonzeros(w)
+    return row_ptr, nz.nonzero()[:, 1].to(torch.int32), values
+
+
+# ----- validation of stored indices ----------------------------------------------------------------
+
+def _check_row_ptr(row_ptr: torch.Tensor, rows: int, cols: int, nnz: int, where: str) -> torch.Tensor:
+    """row_ptr (rows+1,) runs from 0 to nnz, non-decreasing, at most ``cols`` a row; returns the row counts."""
+    if row_ptr.dim() != 1 or row_ptr.numel() != rows + 1:
+        raise FormatError(f"{where}: row_ptr must have shape ({rows + 1},), got {tuple(row_ptr.shape)}")
+    rp = row_ptr.to(torch.int64)
+    if int(rp[0]) != 0 or int(rp[-1]) != nnz:
+        raise FormatError(f"{where}: row_ptr must run from 0 to nnz={nnz}, got {int(rp[0])}..{int(rp[-1])}")
+    counts = rp[1:] - rp[:-1]
+    if rows and (int(counts.min()) < 0 or int(counts.max()) > cols):
+        raise FormatError(f"{where}: row_ptr is not non-decreasing with at most {cols} entries per row")
+    return counts
+
+
+def _check_columns(col: torch.Tensor, row_ptr: torch.Tensor, counts: torch.Tensor, cols: int, where: str) -> None:
+    """Column indices (int32 or int64, value order) in [0, cols) and strictly increasing within each row."""
+    if not col.numel():
+        return
+    lo, hi = (int(v) for v in torch.aminmax(col))
+    if lo < 0 or hi >= cols:
+        raise FormatError(f"{where}: column index {hi if hi >= cols else lo} out of bounds for {cols} columns")
+    row_start = torch.zeros(col.numel(), dtype=torch.bool)
+    row_start[row_ptr[:-1].to(torch.int64)[counts > 0]] = True
+    if bool(((col[1:] <= col[:-1]) & ~row_start[1:]).any()):
+        raise FormatError(f"{where}: column indices are not strictly increasing within a row")
+
+
+def check_csr(row_ptr: torch.Tensor, col_idx: torch.Tensor, nnz: int, shape: Tuple[int, int],
+              where: str = "CSR") -> None:
+    """Validate a plain CSR index (any integer dtypes) of ``nnz`` values for a ``shape`` matrix
+    (FormatError otherwise): the checks every CSR-indexed format and the IPU layer share."""
+    rows, cols = int(shape[0]), int(shape[1])
+    if row_ptr.is_floating_point() or col_idx.is_floating_point():
+        raise FormatError(f"{where}: row_ptr and col_idx must be integer tensors, got {row_ptr.dtype}, {col_idx.dtype}")
+    if col_idx.dim() != 1 or col_idx.numel() != nnz:
+        raise FormatError(f"{where}: col_idx must have shape ({nnz},), got {tuple(col_idx.shape)}")
+    counts = _check_row_ptr(row_ptr, rows, cols, nnz, where)
+    _check_columns(col_idx if col_idx.dtype in (torch.int32, torch.int64) else col_idx.to(torch.int64),
+                   row_ptr, counts, cols, where)
+
+
+def _popcount_rows(mask: torch.Tensor) -> torch.Tensor:
+    """Set bits of each row of a uint8 (rows, nbytes) mask, int64 (rows,); SWAR popcount, no unpacking."""
+    x = mask - ((mask >> 1) & 0x55)
+    x = (x & 0x33) + ((x >> 2) & 0x33)
+    x = (x + (x >> 4)) & 0x0F
+    return x.sum(1, dtype=torch.int64)
+
+
+# ----- the formats ---------------------------------------------------------------------------------
+
 class SparseMatrix:
-    """Base class: a (rows, cols) matrix stored sparsely. Subclasses define the index."""
+    """Base class: a (rows, cols) matrix stored sparsely. Subclasses define the index.
+
+    ``cls(shape, **tensors)`` builds one from its stored tensors and validates them
+    (``FormatError``); ``from_dense`` builds one from a dense weight.
+    """
 
     name = "?"
     version = 1
     tensor_names: Tuple[str, ...] = ()
+    # Compiled kernel (ipu_sparse.sparse._kernels) that reads this format:
+    # ``ext.<kernel>(x, *tensors in tensor_names order, bias, rows, cols)``; None: reference only.
+    kernel: Optional[str] = None
 
-    def __init__(self, shape: Tuple[int, int], **tensors: torch.Tensor):
+    def __init__(self, shape: Tuple[int, int], where: str = "matrix", **tensors: torch.Tensor):
+        missing = [k for k in self.tensor_names if k not in tensors]
+        if missing:
+            raise FormatError(f"{where}: {self.name} matrix lacks tensors {missing}")
+        self._set(shape, tensors)
+        self.validate(where)
+
+    def _set(self, shape, tensors: Dict[str, torch.Tensor]) -> None:
         self.shape = (int(shape[0]), int(shape[1]))
         for key in self.tensor_names:
             setattr(self, key, tensors[key])
+
+    @classmethod
+    def _trusted(cls, shape, tensors: Dict[str, torch.Tensor]) -> "SparseMatrix":
+        """Wrap tensors this module built itself (from_dense, to): no validation."""
+        self = cls.__new__(cls)
+        self._set(shape, tensors)
+        return self
+
+    # ----- byte count ------------------------------------------------------------------------
+    @classmethod
+    def byte_parts(cls, rows: int, cols: int, nnz: int, value_dtype="fp16") -> Dict[str, int]:
+        """Bytes of each stored tensor of a (rows, cols) matrix with ``nnz`` non-zeros."""
+        raise NotImplementedError
+
+    @classmethod
+    def nbytes_for(cls, rows: int, cols: int, nnz: int, value_dtype="fp16") -> int:
+        return sum(cls.byte_parts(rows, cols, nnz, value_dtype).values())
 
     # ----- common properties -----------------------------------------------------------
     @property
@@ -141,11 +269,22 @@ class SparseMatrix:
             if k == "values" and dtype is not None:
                 t = t.to(value_dtype(dtype))
             out[k] = t
-        return type(self)(self.shape, **out)
+        return self._trusted(self.shape, out)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(shape={self.shape}, nnz={self.nnz}, sparsity={self.sparsity:.3f}, "
                 f"dtype={DTYPE_NAMES.get(self.dtype, self.dtype)}, bytes={self.nbytes()})")
+
+    # ----- kernel binding ------------------------------------------------------------------
+    @classmethod
+    def kernel_matmul(cls, ext, x: torch.Tensor, tensors: Sequence[torch.Tensor], bias: Optional[torch.Tensor],
+                      rows: int, cols: int) -> torch.Tensor:
+        """``x (B, cols) fp32 contiguous @ W.T + bias`` -> (B, rows) fp32 by the compiled kernel, from
+        this format's tensors (in ``tensor_names`` order) of a validated matrix."""
+        return getattr(ext, cls.kernel)(x, *tensors, bias, rows, cols)
+
+    def compiled_matmul(self, ext, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.kernel_matmul(ext, x, [getattr(self, k) for k in self.tensor_names], bias, self.rows, self.cols)
 
     # ----- interface -------------------------------------------------------------------
     @classmethod
@@ -160,6 +299,7 @@ class SparseMatrix:
         raise NotImplementedError
 
     def validate(self, where: str = "matrix") -> "SparseMatrix":
+        """Check dtypes, shapes and index contents (FormatError naming ``where``); returns self."""
         raise NotImplementedError
 
     def to_csr(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -171,38 +311,36 @@ class SparseMatrix:
         return torch.repeat_interleave(torch.arange(self.rows), self.row_counts())
 
     # ----- helpers shared by the subclasses -----------------------------------------------
-    def _check_common(self, where: str) -> None:
+    def _check_common(self, where: str) -> torch.Tensor:
+        """values and row_ptr; returns the row counts."""
         rows, cols = self.shape
         if rows < 0 or cols < 0:
-            raise UserError(f"{where}: negative shape {self.shape}")
+            raise FormatError(f"{where}: negative shape {self.shape}")
         v, rp = self.values, self.row_ptr
-        if v.dtype not in DTYPE_NAMES:
-            raise UserError(f"{where}: values have unsupported dtype {v.dtype} (fp32, bf16, fp16)")
+        if not isinstance(v, torch.Tensor) or v.dtype not in DTYPE_NAMES:
+            raise FormatError(f"{where}: values have unsupported dtype {getattr(v, 'dtype', type(v))} (fp32, bf16, fp16)")
         if v.dim() != 1:
-            raise UserError(f"{where}: values must be 1-D, got shape {tuple(v.shape)}")
+            raise FormatError(f"{where}: values must be 1-D, got shape {tuple(v.shape)}")
         if v.numel() > rows * cols:
-            raise UserError(f"{where}: {v.numel()} values for a {rows}x{cols} matrix")
-        if rp.dtype != torch.int32 or rp.dim() != 1 or rp.numel() != rows + 1:
-            raise UserError(f"{where}: row_ptr must be int32 of shape ({rows + 1},), got {rp.dtype} {tuple(rp.shape)}")
-        rp64 = rp.to(torch.int64)
-        if int(rp64[0]) != 0 or int(rp64[-1]) != v.numel():
-            raise UserError(f"{where}: row_ptr must run from 0 to nnz={v.numel()}, got {int(rp64[0])}..{int(rp64[-1])}")
-        counts = rp64[1:] - rp64[:-1]
-        if rows and (int(counts.min()) < 0 or int(counts.max()) > cols):
-            raise UserError(f"{where}: row_ptr is not non-decreasing with at most {cols} entries per row")
-
-
-def _check_dense(weight: torch.Tensor) -> torch.Tensor:
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise UserError(f"expected a 2-D weight tensor, got {getattr(weight, 'shape', type(weight))}")
-    if not weight.is_floating_point():
-        raise UserError(f"expected a floating-point weight, got {weight.dtype}")
-    return weight.detach().cpu()
+            raise FormatError(f"{where}: {v.numel()} values for a {rows}x{cols} matrix")
+        if not isinstance(rp, torch.Tensor) or rp.dtype != torch.int32 or rp.dim() != 1 or rp.numel() != rows + 1:
+            raise FormatError(f"{where}: row_ptr must be int32 of shape ({rows + 1},), got "
+                              f"{getattr(rp, 'dtype', type(rp))} {tuple(getattr(rp, 'shape', ()))}")
+        return _check_row_ptr(rp, rows, cols, v.numel(), where)
 
 
 class CSR16(SparseMatrix):
     name = "csr16"
     tensor_names = ("row_ptr", "col_idx", "values")
+    kernel = "csr_matmul"
+
+    @classmethod
+    def byte_parts(cls, rows: int, cols: int, nnz: int, value_dtype="fp16") -> Dict[str, int]:
+        """int32 row pointers, one 2-byte column index per non-zero, the values. (Beyond 65536
+        columns, which csr16 cannot store, PopSparse's CSR needs 4-byte column indices: counted so.)"""
+        v = _value_size(value_dtype)
+        index_bytes = 2 if cols <= CSR16_MAX_COLS else 4
+        return {"row_ptr": 4 * (rows + 1), "col_idx": index_bytes * nnz, "values": v * nnz}
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, dtype=None) -> "CSR16":
@@ -211,12 +349,9 @@ class CSR16(SparseMatrix):
         if cols > CSR16_MAX_COLS:
             raise UserError(f"csr16 stores at most {CSR16_MAX_COLS} columns, got {cols}")
         dt = value_dtype(dtype) if dtype is not None else value_dtype(w.dtype)
-        nz = w != 0  # (rows, cols)
-        if int(nz.sum()) > MAX_NNZ:
-            raise UserError(f"matrix has more than {MAX_NNZ} non-zeros")
-        col = nz.nonzero()[:, 1].to(torch.int32)  # row-major order
+        row_ptr, col, values = csr_from_dense(w)
         col16 = torch.where(col >= 1 << 15, col - (1 << 16), col).to(torch.int16)
-        return cls((rows, cols), row_ptr=_row_ptr_from_counts(nz.sum(1)), col_idx=col16, values=w[nz].to(dt))
+        return cls._trusted((rows, cols), {"row_ptr": row_ptr, "col_idx": col16, "values": values.to(dt)})
 
     def column_indices(self) -> torch.Tensor:
         return self.col_idx.to(torch.int64) & 0xFFFF
@@ -227,21 +362,14 @@ class CSR16(SparseMatrix):
         return out
 
     def validate(self, where: str = "matrix") -> "CSR16":
-        self._check_common(where)
+        counts = self._check_common(where)
         c = self.col_idx
-        if c.dtype != torch.int16 or c.dim() != 1 or c.numel() != self.values.numel():
-            raise UserError(f"{where}: col_idx must be int16 of shape ({self.values.numel()},), got {c.dtype} {tuple(c.shape)}")
+        if not isinstance(c, torch.Tensor) or c.dtype != torch.int16 or c.dim() != 1 or c.numel() != self.values.numel():
+            raise FormatError(f"{where}: col_idx must be int16 of shape ({self.values.numel()},), got "
+                              f"{getattr(c, 'dtype', type(c))} {tuple(getattr(c, 'shape', ()))}")
         if self.cols > CSR16_MAX_COLS:
-            raise UserError(f"{where}: csr16 stores at most {CSR16_MAX_COLS} columns, got {self.cols}")
-        col = self.column_indices()
-        if col.numel():
-            if int(col.max()) >= self.cols:
-                raise UserError(f"{where}: column index {int(col.max())} out of bounds for {self.cols} columns")
-            # strictly increasing within each row (no duplicates, canonical order)
-            rows = self.row_indices()
-            same_row = rows[1:] == rows[:-1]
-            if bool((same_row & (col[1:] <= col[:-1])).any()):
-                raise UserError(f"{where}: column indices are not strictly increasing within a row")
+            raise FormatError(f"{where}: csr16 stores at most {CSR16_MAX_COLS} columns, got {self.cols}")
+        _check_columns(c.to(torch.int32) & 0xFFFF, self.row_ptr, counts, self.cols, where)
         return self
 
 
@@ -268,16 +396,21 @@ def _unpack_bits(mask: torch.Tensor, cols: int) -> torch.Tensor:
 class Bitmap(SparseMatrix):
     name = "bitmap"
     tensor_names = ("mask", "row_ptr", "values")
+    kernel = "bitmap_matmul"
+
+    @classmethod
+    def byte_parts(cls, rows: int, cols: int, nnz: int, value_dtype="fp16") -> Dict[str, int]:
+        """One bit per dense element (rows padded to whole bytes), int32 row pointers, the values."""
+        v = _value_size(value_dtype)
+        return {"mask": rows * ((cols + 7) // 8), "row_ptr": 4 * (rows + 1), "values": v * nnz}
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, dtype=None) -> "Bitmap":
         w = _check_dense(weight)
         rows, cols = w.shape
         dt = value_dtype(dtype) if dtype is not None else value_dtype(w.dtype)
-        nz = w != 0
-        if int(nz.sum()) > MAX_NNZ:
-            raise UserError(f"matrix has more than {MAX_NNZ} non-zeros")
-        return cls((rows, cols), mask=_pack_bits(nz), row_ptr=_row_ptr_from_counts(nz.sum(1)), values=w[nz].to(dt))
+        nz, row_ptr, values = _nonzeros(w)
+        return cls._trusted((rows, cols), {"mask": _pack_bits(nz), "row_ptr": row_ptr, "values": values.to(dt)})
 
     def dense_mask(self) -> torch.Tensor:
         return _unpack_bits(self.mask, self.cols)
@@ -291,30 +424,33 @@ class Bitmap(SparseMatrix):
         return out.masked_scatter_(self.dense_mask(), self.values.to(out.dtype))
 
     def validate(self, where: str = "matrix") -> "Bitmap":
-        self._check_common(where)
+        counts = self._check_common(where)
         rows, cols = self.shape
         m = self.mask
-        if m.dtype != torch.uint8 or tuple(m.shape) != (rows, (cols + 7) // 8):
-            raise UserError(f"{where}: mask must be uint8 of shape ({rows}, {(cols + 7) // 8}), "
-                            f"got {m.dtype} {tuple(m.shape)}")
+        if not isinstance(m, torch.Tensor) or m.dtype != torch.uint8 or tuple(m.shape) != (rows, (cols + 7) // 8):
+            raise FormatError(f"{where}: mask must be uint8 of shape ({rows}, {(cols + 7) // 8}), "
+                              f"got {getattr(m, 'dtype', type(m))} {tuple(getattr(m, 'shape', ()))}")
         if cols % 8 and rows:
             pad_bits = int((m[:, -1].to(torch.int32) >> (cols % 8)).max())
             if pad_bits:
-                raise UserError(f"{where}: mask has bits set beyond column {cols - 1} (index out of bounds)")
-        popcount = _unpack_bits(m, cols).sum(1)
-        if not torch.equal(popcount, self.row_counts()):
-            bad = int((popcount != self.row_counts()).nonzero()[0, 0])
-            raise UserError(f"{where}: row {bad} has {int(popcount[bad])} mask bits but row_ptr gives "
-                            f"{int(self.row_counts()[bad])} values")
+                raise FormatError(f"{where}: mask has bits set beyond column {cols - 1} (index out of bounds)")
+        popcount = _popcount_rows(m)
+        if not torch.equal(popcount, counts):
+            bad = int((popcount != counts).nonzero()[0, 0])
+            raise FormatError(f"{where}: row {bad} has {int(popcount[bad])} mask bits but row_ptr gives "
+                              f"{int(counts[bad])} values")
         return self
 
 
-FORMATS = {"bitmap": Bitmap, "csr16": CSR16}
+FORMATS: Dict[str, Type[SparseMatrix]] = {cls.name: cls for cls in (Bitmap, CSR16)}
+FORMAT_NAMES = tuple(sorted(FORMATS))  # the choices of every --format option
 
 
-def format_class(name: str):
+def format_class(name: str, where: Optional[str] = None) -> Type[SparseMatrix]:
+    """The class of sparse format ``name`` (UserError naming ``where`` for an unknown name)."""
     if name not in FORMATS:
-        raise UserError(f"unknown sparse format {name!r} (known: {', '.join(FORMAT_NAMES)})")
+        prefix = f"{where}: " if where else ""
+        raise UserError(f"{prefix}unknown sparse format {name!r} (known: {', '.join(FORMAT_NAMES)})")
     return FORMATS[name]
 
 
@@ -325,12 +461,9 @@ def from_dense(weight: torch.Tensor, fmt: str = DEFAULT_FORMAT, dtype=None) -> S
 
 def from_tensors(fmt: str, shape, tensors: Dict[str, torch.Tensor], where: str = "matrix") -> SparseMatrix:
     """Rebuild and validate a stored matrix (names every missing or bad tensor)."""
-    cls = format_class(fmt)
-    missing = [k for k in cls.tensor_names if k not in tensors]
-    if missing:
-        raise UserError(f"{where}: {fmt} matrix lacks tensors {missing}")
+    cls = format_class(fmt, where)
     try:
         shape = (int(shape[0]), int(shape[1]))
     except (TypeError, ValueError, IndexError):
         raise UserError(f"{where}: bad shape {shape!r}") from None
-    return cls(shape, **{k: tensors[k] for k in cls.tensor_names}).validate(where)
+    return cls(shape, where=where, **{k: tensors[k] for k in cls.tensor_names if k in tensors})

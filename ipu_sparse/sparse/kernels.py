@@ -7,7 +7,8 @@ Backends:
 * ``compiled`` -- ``ipu_sparse.sparse._kernels`` (``csrc/sparse_kernels.cpp``), built by
   ``python setup.py build_ext --inplace`` (or any install), or just-in-time with
   ``IPU_SPARSE_JIT=1`` (``torch.utils.cpp_extension.load``, cached under
-  ``~/.cache/ipu_sparse``). Reads the bitmap / csr16 storage directly.
+  ``~/.cache/ipu_sparse``). Reads the bitmap / csr16 storage directly; each format class names its
+  kernel (``SparseMatrix.kernel``) and has validated its index when it was built.
 * ``reference`` -- gathers ``x[:, col]``, multiplies by the values and sums each row with
   ``index_add_``; always available, used by the tests as the oracle.
 
@@ -25,7 +26,8 @@ from typing import Optional
 import torch
 
 from ..errors import UserError
-from .formats import Bitmap, CSR16, SparseMatrix
+from . import build
+from .formats import SparseMatrix
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +37,6 @@ _state = {"ext": None, "tried": False, "reason": None, "backend": os.environ.get
 
 def _jit_build():
     from torch.utils.cpp_extension import load
-
-    from . import build
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
@@ -162,8 +162,6 @@ def sparse_matmul(x: torch.Tensor, w: SparseMatrix, bias: Optional[torch.Tensor]
     ext = _state["ext"]
     xf = x if (x.dtype == torch.float32 and x.is_contiguous()) else x.float().contiguous()
     b = None if bias is None else (bias if bias.dtype == torch.float32 else bias.float())
-    if isinstance(w, Bitmap):
-        return ext.bitmap_matmul(xf, w.mask, w.row_ptr, w.values, b, w.rows, w.cols)
-    if isinstance(w, CSR16):
-        return ext.csr_matmul(xf, w.row_ptr, w.col_idx, w.values, b, w.rows, w.cols)
-    return reference_matmul(x, w, bias)
+    if w.kernel is None:  # a format without a compiled kernel
+        return reference_matmul(x, w, bias)
+    return w.compiled_matmul(ext, xf, b)

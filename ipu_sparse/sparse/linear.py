@@ -18,8 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..model import set_module
 from . import kernels
-from .formats import DEFAULT_FORMAT, FORMATS, SparseMatrix, format_class, from_dense, value_dtype
+from .formats import DEFAULT_FORMAT, SparseMatrix, format_class, from_dense, value_dtype
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class SparseLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = weight.cols, weight.rows
         self.format = weight.name
+        self.format_class = type(weight)  # owns the byte count, CSR view, kernel and validation
         for key, t in weight.tensors().items():
             self.register_buffer(key, t)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
@@ -52,13 +54,24 @@ class SparseLinear(nn.Module):
 
     @property
     def matrix(self) -> SparseMatrix:
-        """The weight as a format object (views of this module's buffers)."""
-        tensors = {k: getattr(self, k) for k in format_class(self.format).tensor_names}
+        """The weight as a format object (views of this module's buffers, validated when they change)."""
+        tensors = {k: getattr(self, k) for k in self.format_class.tensor_names}
         key = tuple(t.data_ptr() for t in tensors.values()) + tuple(t.dtype for t in tensors.values())
         if self._matrix is None or self._matrix_key != key:
-            self._matrix = format_class(self.format)((self.out_features, self.in_features), **tensors)
+            self._matrix = self.format_class((self.out_features, self.in_features), **tensors)
             self._matrix_key = key
         return self._matrix
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Incoming index tensors are validated before they replace the buffers the kernel reads.
+        incoming = {k: state_dict[prefix + k] for k in self.format_class.tensor_names if prefix + k in state_dict}
+        if incoming:
+            tensors = {k: incoming.get(k, getattr(self, k)) for k in self.format_class.tensor_names}
+            self.format_class((self.out_features, self.in_features), where=f"state dict {prefix.rstrip('.') or 'layer'}",
+                              **tensors)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -94,14 +107,12 @@ class SparseLinear(nn.Module):
             w = self.matrix.to_dense().to(torch.float32)  # (out, in), zeros included
             y = F.linear(x2.to(torch.float32), w, bias)
         elif ext is not None and x.dtype == torch.float32 and not x.requires_grad and x.device.type == "cpu" \
-                and (bias is None or bias.dtype == torch.float32):
-            # decode hot path: straight to the compiled kernel (it checks shapes and dtypes)
-            if self.format == "bitmap":
-                y = ext.bitmap_matmul(x2.contiguous(), buf["mask"], buf["row_ptr"], buf["values"], bias,
-                                      self.out_features, self.in_features)
-            else:
-                y = ext.csr_matmul(x2.contiguous(), buf["row_ptr"], buf["col_idx"], buf["values"], bias,
-                                   self.out_features, self.in_features)
+                and (bias is None or bias.dtype == torch.float32) and self.format_class.kernel is not None:
+            # decode hot path: straight to the format's compiled kernel (it checks shapes and dtypes; the
+            # index contents were validated when this layer was built or its state dict loaded)
+            fc = self.format_class
+            y = fc.kernel_matmul(ext, x2.contiguous(), [buf[k] for k in fc.tensor_names], bias,
+                                 self.out_features, self.in_features)
         else:
             y = kernels.sparse_matmul(x2, self.matrix, self.bias)  # (N, out) fp32
         y = y.view(*shape[:-1], self.out_features)
@@ -165,19 +176,12 @@ class SparseConfig:
     head_dtype: Optional[str] = None
 
     def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise UserError(f"unknown sparse format {self.format!r} (known: {', '.join(sorted(FORMATS))})")
+        format_class(self.format)
         value_dtype(self.dtype)
         if self.head_dtype is not None:
             value_dtype(self.head_dtype)
         if not 0.0 <= self.min_sparsity <= 1.0:
             raise UserError(f"min_sparsity must be in [0, 1], got {self.min_sparsity}")
-
-
-def _set_module(root: nn.Module, fqn: str, new: nn.Module) -> None:
-    parent_name, _, child = fqn.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
 
 
 def _default_targets(model: nn.Module, include_head: bool) -> Dict[str, nn.Module]:
@@ -198,9 +202,7 @@ def sparsify_(model: nn.Module, config: Optional[SparseConfig] = None,
     targets = _default_targets(model, config.include_head)
     if config.include_head and hasattr(model, "untie_lm_head_"):
         if "lm_head" in targets and (filter_fn is None or filter_fn(model.lm_head, "lm_head")):
-            if model.config.tie_embeddings:
-                model.sparse_source_tied = True  # for the accounting of the dense baseline
-            model.untie_lm_head_()
+            model.untie_lm_head_()  # records head_untied for the accounting of the dense baseline
             targets["lm_head"] = model.lm_head
     converted = 0
     with torch.no_grad():
@@ -212,13 +214,13 @@ def sparsify_(model: nn.Module, config: Optional[SparseConfig] = None,
             w = mod.weight
             if w.numel() and float((w == 0).sum()) / w.numel() < config.min_sparsity:
                 continue
-            _set_module(model, fqn, SparseLinear.from_linear(mod, config.format, config.dtype))
+            set_module(model, fqn, SparseLinear.from_linear(mod, config.format, config.dtype))
             converted += 1
         head = getattr(model, "lm_head", None)
         if config.head_dtype is not None and isinstance(head, nn.Linear):
             if getattr(getattr(model, "config", None), "tie_embeddings", False):
-                model.sparse_source_tied = True
-                model.config.tie_embeddings = False
+                model.untie_lm_head_()  # the head gets its own matrix; the embedding stays as it is
+                head = model.lm_head
             model.lm_head = LowPrecisionLinear.from_linear(head, config.head_dtype)
     return model
 
@@ -239,5 +241,5 @@ def densify_(model: nn.Module) -> nn.Module:
             lin.weight.copy_(w)
             if mod.bias is not None:
                 lin.bias.copy_(mod.bias.detach().float())
-            _set_module(model, fqn, lin)
+            set_module(model, fqn, lin)
     return model

@@ -6,7 +6,7 @@ import torch
 
 from ipu_sparse.cli import main
 from ipu_sparse.errors import UserError
-from ipu_sparse.generate import ChatSession, SamplingConfig, TextStreamer, generate, sample_next
+from ipu_sparse.generate import ChatSession, SamplingConfig, TextStreamer, generate, generate_batch, sample_next
 from ipu_sparse.loading.tokenizer import ByteTokenizer
 
 
@@ -44,6 +44,22 @@ def test_stops_at_stop_token(tiny_llama):
     stop = free[3]
     out = generate(tiny_llama, prompt, 10, stop_ids={stop})
     assert out == free[:free.index(stop) + 1]
+
+
+def test_batch_of_samples_matches_single_decoding_and_stops_per_row(tiny_llama):
+    prompt = [5, 9, 33, 7]
+    greedy = generate(tiny_llama, prompt, 10)
+    assert generate_batch(tiny_llama, prompt, 3, 10) == [greedy] * 3  # greedy: every row is the single decode
+    cfg = SamplingConfig(temperature=1.5, top_p=0.9)
+    rows = generate_batch(tiny_llama, prompt, 6, 12, cfg, generator=torch.Generator().manual_seed(3))
+    again = generate_batch(tiny_llama, prompt, 6, 12, cfg, generator=torch.Generator().manual_seed(3))
+    assert rows == again and len({tuple(r) for r in rows}) > 1  # seeded, and the rows are different samples
+    stop = {rows[0][2], rows[1][1]}
+    cut = generate_batch(tiny_llama, prompt, 6, 12, cfg, stop, generator=torch.Generator().manual_seed(3))
+    for full, row in zip(rows, cut):  # each row ends after its own first stop token; the draws are the same
+        first = next((i + 1 for i, t in enumerate(full) if t in stop), len(full))
+        assert row == full[:first]
+    assert len(cut[0]) <= 3 and len(cut[1]) <= 2 and any(len(r) < 12 for r in cut)
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0.0), dict(top_k=-2)])

@@ -7,6 +7,16 @@ real PopTorch does not have fails here too (``TypeError`` / ``AttributeError``).
 Recorded: ``blocks`` (module, user_id, ipu_id) in BeginBlock order, the ipu each module ran on
 (``executed``: BeginBlock installs a forward pre-hook, as the real one does), ``options`` calls
 (dotted method path, bound arguments), ``custom_ops`` and ``inference_models``.
+
+It fails loudly where the real SDK would (each check cites where PopTorch 3.4 does it):
+
+* an input whose dimension 0 is not a multiple of deviceIterations x replicas
+  (python/_poplar_executor.py ``_narrow_tensor``); each replica / iteration then gets its slice;
+* an in-place buffer update under replication without ``broadcastBuffers(False)``
+  (InplaceOps.cpp: "PopTorch does not support broadcasting buffers");
+* a custom op in the reserved domain ``ai.graphcore`` (PopART's custom-op guide);
+* any op PopTorch 3.4 cannot lower ("Unsupported ops found in compiled model"), judged by
+  ``ipu_sparse.ipu.opcheck`` with the same op table as ``ipu-sparse ipu-check``.
 """
 from __future__ import annotations
 
@@ -63,6 +73,7 @@ class _Recorder:
         def method(*args, **kwargs):
             bound = sig.bind(*args, **kwargs)  # raises TypeError on a wrong keyword, like PopTorch
             self._double.options_calls.append((f"{self._path}.{name}", dict(bound.arguments)))
+            self.__dict__.setdefault("_set", {})[name] = dict(bound.arguments)
             return self
 
         return method
@@ -81,19 +92,62 @@ class FakeExecutor:
         self.compiled_with = None
         self.exported_to = None
         self.detached = False
+        self.trace = None
+
+    def _setting(self, name, key, default):
+        set_ = getattr(self.options, "__dict__", {}).get("_set", {}) if self.options is not None else {}
+        return set_.get(name, {}).get(key, default)
+
+    @property
+    def split(self) -> int:
+        """deviceIterations x replicas: how PopTorch splits dimension 0 of every input."""
+        return (self._setting("deviceIterations", "device_iterations", 1)
+                * self._setting("replicationFactor", "replication_factor", 1))
+
+    def _chunks(self, args):
+        n = self.split
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor) and (a.dim() == 0 or a.shape[0] % n):
+                raise RuntimeError(f"test double (as PopTorch _narrow_tensor): input {i} of shape {tuple(a.shape)}: "
+                                   f"dimension 0 must be a multiple of deviceIterations x replicas = {n}")
+        rows = [a.shape[0] // n if isinstance(a, torch.Tensor) else None for a in args]
+        return [tuple(a[k * r:(k + 1) * r] if r is not None else a for a, r in zip(args, rows)) for k in range(n)]
 
     def compile(self, *args, **kwargs):
+        from ipu_sparse.ipu.opcheck import OpTracer
+
         self.compiled_with = args
-        with torch.no_grad():
-            self.model(*args)  # trace-like run on CPU (custom ops use their reference)
+        chunk = self._chunks(args)[0]
+        buffers = {n: b.clone() for n, b in self.model.named_buffers()}
+        tracer = OpTracer(self.model)
+        with torch.no_grad(), tracer:  # a trace-like run on CPU (custom ops use their reference)
+            self.model(*chunk)
+        self.trace = tracer.report
+        written = [n for n, b in self.model.named_buffers() if n in buffers and not torch.equal(b, buffers[n])]
+        if written and self._setting("replicationFactor", "replication_factor", 1) > 1 \
+                and self._setting("broadcastBuffers", "broadcast_buffers", True) is not False:
+            raise RuntimeError(f"test double (as PopTorch InplaceOps.cpp): buffers {written[:3]} are updated in place "
+                               "under replication: PopTorch does not support broadcasting buffers; "
+                               "set opts.broadcastBuffers(False)")
+        for p in tracer.report.problems:
+            raise RuntimeError(f"test double: {p}")
+        bad = tracer.report.unlowerable
+        if bad:
+            raise RuntimeError("test double (as PopTorch ErrorOnUnsupportedAten): Unsupported ops found in compiled "
+                               "model: " + ", ".join(f"aten::{r.name} ({r.module})" for r in bad))
+        for n, b in buffers.items():  # compiling runs nothing on the device: restore the buffers
+            dict(self.model.named_buffers())[n].copy_(b)
 
     def compileAndExport(self, filename, *args, export_model=True, **kwargs):
         self.exported_to = filename
         self.compile(*args)
 
     def __call__(self, *args):
-        with torch.no_grad():
-            return self.model(*args)
+        if self.compiled_with is None:
+            self.compile(*args)
+        with torch.no_grad():  # every replica / device iteration runs its own slice (OutputMode.All)
+            outs = [self.model(*chunk) for chunk in self._chunks(args)]
+        return torch.cat(outs, dim=0)
 
     def detachFromDevice(self):
         self.detached = True
@@ -154,12 +208,19 @@ class PoptorchDouble(types.ModuleType):
                 handle.remove()
         self.removed.append(module)
 
+    def ipuHardwareIsAvailable(self, num_ipus=1):
+        self._check("ipuHardwareIsAvailable", num_ipus)
+        return False
+
     def isRunningOnIpu(self):
         self._check("isRunningOnIpu")
         return self._running
 
     def custom_op(self, inputs, name, domain, domain_version, example_outputs, attributes=None):
         self._check("custom_op", inputs, name, domain, domain_version, example_outputs, attributes=attributes)
+        if domain == "ai.graphcore":
+            raise RuntimeError(f"test double: custom op {name} uses the domain 'ai.graphcore', which PopART "
+                               "reserves (custom_ops.rst: a custom op must never use it)")
         self.custom_ops.append({"name": name, "domain": domain, "version": domain_version,
                                 "inputs": [tuple(t.shape) for t in inputs], "attributes": dict(attributes or {})})
         return [torch.zeros_like(e) for e in example_outputs]

@@ -9,8 +9,8 @@ import torch.nn as nn
 from ipu_sparse.config import get_preset
 from ipu_sparse.ipu.ops import (IpuSparseLinear, csr_from_dense, export_patterns_, read_pattern, running_on_ipu,
                                 to_ipu_sparse_)
-from ipu_sparse.ipu.simulate import magnitude_prune_
 from ipu_sparse.model import build_model
+from ipu_sparse.prune import magnitude_prune_
 
 from ipu_poptorch_double import PoptorchDouble
 
@@ -57,7 +57,7 @@ def test_from_module_with_to_csr():
 
 
 def test_model_conversion_keeps_logits_and_is_found(tiny_luminous):
-    magnitude_prune_(tiny_luminous, 0.8)
+    magnitude_prune_(tiny_luminous, 0.8, scope="row")
     idx = torch.randint(0, 256, (1, 12))
     want = tiny_luminous(idx)
     to_ipu_sparse_(tiny_luminous)
@@ -85,7 +85,7 @@ def test_ipu_path_calls_custom_op_with_values_as_input(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="export_patterns_"):
         m(torch.randn(2, 40))
     model = build_model(get_preset("tiny-llama"), seed=0)
-    magnitude_prune_(model, 0.8)
+    magnitude_prune_(model, 0.8, scope="row")
     to_ipu_sparse_(model)
     assert export_patterns_(model, tmp_path) == 14
     out = model(torch.randint(0, 256, (1, 4)))
@@ -93,7 +93,7 @@ def test_ipu_path_calls_custom_op_with_values_as_input(monkeypatch, tmp_path):
     assert len(double.custom_ops) == 14
     op = double.custom_ops[0]
     q = model.layers[0].attn.q_proj
-    assert (op["name"], op["domain"], op["version"]) == ("SparseMatMul", "ai.graphcore", 1)
+    assert (op["name"], op["domain"], op["version"]) == ("SparseMatMul", "ipu_sparse", 1)
     assert op["inputs"] == [(4, 64), (q.nnz,)]          # x and the non-zero values (a weight input)
     a = op["attributes"]
     assert a["pattern_path"] == q.pattern_path and a["pattern_hash"] == q.pattern_hash
@@ -104,3 +104,43 @@ def test_ipu_path_calls_custom_op_with_values_as_input(monkeypatch, tmp_path):
 def test_no_poptorch_means_cpu(monkeypatch):
     monkeypatch.delitem(sys.modules, "poptorch", raising=False)
     assert not running_on_ipu()
+
+
+def test_custom_op_domain_is_ours_and_matches_the_cpp_op():
+    """Finding 8: PopART reserves ai.graphcore; the Python call and the C++ registration agree."""
+    import re
+    from pathlib import Path
+
+    from ipu_sparse.ipu.ops import OP_DOMAIN, OP_NAME, OP_VERSION
+
+    assert OP_DOMAIN != "ai.graphcore"
+    cpp = (Path(__file__).resolve().parents[2] / "popart_ops" / "sparse_matmul.cpp").read_text()
+    m = re.search(r'SparseMatMulId\s*=\s*\{"([^"]+)",\s*"([^"]+)",\s*(\d+)\}', cpp)
+    assert m and (m.group(1), m.group(2), int(m.group(3))) == (OP_DOMAIN, OP_NAME, OP_VERSION)
+
+
+def test_double_rejects_reserved_domain(monkeypatch):
+    double = PoptorchDouble(running_on_ipu=True)
+    with pytest.raises(RuntimeError, match="ai.graphcore"):
+        double.custom_op([torch.zeros(1, 2)], "SparseMatMul", "ai.graphcore", 1, [torch.zeros(1, 2)])
+
+
+def test_example_output_on_input_device(tmp_path):
+    """Finding 9: the example output is made where the input lives (not always on the CPU)."""
+    m = IpuSparseLinear.from_module(sparse_linear(bias=False))
+    m.export_pattern(tmp_path, "layer")
+    x = torch.randn(3, 40, device="meta")
+    inputs, name, domain, version, examples, attributes = m.custom_op_args(x)
+    assert examples[0].device == x.device and examples[0].shape == (3, 24)
+
+
+def test_ipu_layer_refuses_a_bad_csr_index():
+    lin = sparse_linear()
+    row_ptr, col_idx, values = csr_from_dense(lin.weight)
+    bad_rp = row_ptr.clone()
+    bad_rp[1] = row_ptr[-1]  # non-monotone, still from 0 to nnz
+    bad_col = col_idx.clone()
+    bad_col[0] = lin.in_features
+    for rp, col in [(bad_rp, col_idx), (row_ptr, bad_col), (row_ptr[:-1], col_idx)]:
+        with pytest.raises(ValueError, match="IpuSparseLinear"):
+            IpuSparseLinear(rp, col, values, tuple(lin.weight.shape))

@@ -152,7 +152,7 @@ def test_ipu_modules_import_without_poptorch():
     from pathlib import Path
 
     code = ("import sys; import ipu_sparse.ipu.planner, ipu_sparse.ipu.hardware, ipu_sparse.ipu.ops, "
-            "ipu_sparse.ipu.pipeline, ipu_sparse.ipu.options, ipu_sparse.ipu.generate, ipu_sparse.ipu.simulate, "
+            "ipu_sparse.ipu.pipeline, ipu_sparse.ipu.options, ipu_sparse.ipu.generate, ipu_sparse.ipu.simulate, ipu_sparse.ipu.opcheck, ipu_sparse.ipu.check, "
             "ipu_sparse.ipu.commands; assert 'poptorch' not in sys.modules and 'popdist' not in sys.modules")
     root = Path(__file__).resolve().parents[2]
     r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)

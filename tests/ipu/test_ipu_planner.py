@@ -6,7 +6,7 @@ import pytest
 from ipu_sparse.config import get_preset
 from ipu_sparse.errors import UserError
 from ipu_sparse.ipu import hardware as hw
-from ipu_sparse.ipu.memory import csr16_nbytes_analytic, shard_ranges
+from ipu_sparse.ipu.memory import csr16_nbytes, shard_ranges
 from ipu_sparse.ipu.planner import PlanConfig, PlanError, check_fits, expand_layers_per_ipu, make_plan, plan_or_raise
 from ipu_sparse.ipu.report import compare_dense_sparse, format_table
 
@@ -55,18 +55,17 @@ def test_smollm2_fits_one_ipu_dense_and_sparse():
 
 
 def test_csr16_bytes():
-    b = csr16_nbytes_analytic(rows=4, cols=8, nnz=5, value_bytes=2)
+    b = csr16_nbytes(rows=4, cols=8, nnz=5, value_bytes=2)
     assert b == {"values": 10, "indices": 10, "row_ptr": 20}
-    assert csr16_nbytes_analytic(2, 70000, 3, 2)["indices"] == 12  # > 65536 columns need 4 bytes
+    assert csr16_nbytes(2, 70000, 3, 2)["indices"] == 12  # > 65536 columns need 4 bytes
 
 
 def test_planner_bytes_match_sparse_formats_module():
     formats = pytest.importorskip("ipu_sparse.sparse.formats")
-    from ipu_sparse.ipu.memory import csr16_nbytes
 
     for rows, cols, nnz in [(576, 576, 66355), (1536, 576, 176947), (5120, 20480, 20971520)]:
         parts = csr16_nbytes(rows, cols, nnz, 2)
-        assert parts == csr16_nbytes_analytic(rows, cols, nnz, 2)
+        assert parts == {"values": 2 * nnz, "indices": 2 * nnz, "row_ptr": 4 * (rows + 1)}
         assert sum(parts.values()) == formats.format_nbytes("csr16", rows, cols, nnz, 2)
 
 

@@ -8,14 +8,15 @@ import torch
 
 from ipu_sparse.config import get_preset
 from ipu_sparse.ipu.planner import PlanConfig, make_plan
-from ipu_sparse.ipu.simulate import estimate_stages, magnitude_prune_, simulate
+from ipu_sparse.ipu.simulate import estimate_stages, simulate
 from ipu_sparse.model import build_model
+from ipu_sparse.prune import magnitude_prune_
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_magnitude_prune_exact_sparsity(tiny_llama):
-    magnitude_prune_(tiny_llama, 0.75)
+    magnitude_prune_(tiny_llama, 0.75, scope="row")
     for _, m in tiny_llama.linear_layers():
         assert (m.weight == 0).float().mean().item() == pytest.approx(0.75, abs=1e-6)
 
@@ -26,7 +27,7 @@ def test_magnitude_prune_exact_sparsity(tiny_llama):
 def test_staged_equals_plain(preset, n_ipus, shards):
     cfg = get_preset(preset)
     model = build_model(cfg, seed=0)
-    magnitude_prune_(model, 0.8)
+    magnitude_prune_(model, 0.8, scope="row")
     plan = make_plan(PlanConfig(cfg, n_ipus=n_ipus, sparsity=0.8, kv_len=128, **shards))
     idx = torch.randint(0, cfg.vocab_size, (2, 16))
     res = simulate(model, plan, idx, repeats=1)
@@ -35,6 +36,7 @@ def test_staged_equals_plain(preset, n_ipus, shards):
     assert [s["ipu"] for s in res["stages"]] == [ipu for ipu, _ in plan.stages]
     assert all(s["cpu_ms"] > 0 for s in res["stages"])
     assert not hasattr(model, "_ipu_originals") or not model.__dict__.get("_ipu_originals")
+    assert model.ipu_placement is None and isinstance(model.embed, torch.nn.Embedding)  # originals restored
     if shards:
         assert type(model.embed).__name__ == "Embedding"  # restored after the run
 
@@ -77,7 +79,7 @@ def pruned_smollm2(smollm2):
     import copy
 
     model = copy.deepcopy(smollm2.model)
-    magnitude_prune_(model, 0.8)
+    magnitude_prune_(model, 0.8, scope="row")
     return model
 
 

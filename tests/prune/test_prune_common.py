@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from ipu_sparse.errors import UserError
-from ipu_sparse.prune.common import (allocate_counts, check_nm_width, check_sparsity, is_nm, lowest_k_mask,
-                                     lowest_k_per_row, nm_mask, parse_nm, split_evenly, split_proportional)
+from ipu_sparse.prune.common import (allocate_counts, check_nm_width, check_sparsity, is_nm, lowest_k,
+                                     lowest_k_per_row, nm_lowest, parse_nm, split_evenly, split_proportional)
 
 
 def test_split_helpers_sum_exactly():
@@ -21,7 +21,7 @@ def test_allocate_counts_exact_total_with_uneven_ratios():
 
 def test_lowest_k_breaks_ties_by_position():
     score = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
-    mask = lowest_k_mask(score, 3)
+    mask = lowest_k(score, 3)
     assert mask.sum() == 3
     assert mask.view(-1).tolist() == [False, True, True, True, False, False, False, False]
     per_row = lowest_k_per_row(torch.zeros(2, 4), [1, 3])
@@ -32,7 +32,7 @@ def test_nm_mask_keeps_n_of_every_m():
     torch.manual_seed(0)
     score = torch.rand(8, 16)
     for n, m in ((2, 4), (4, 8), (1, 4)):
-        mask = nm_mask(score, n, m)
+        mask = nm_lowest(score, n, m)
         kept = (~mask).view(8, 16 // m, m).sum(-1)
         assert (kept == n).all()
         w = score.masked_fill(mask, 0)

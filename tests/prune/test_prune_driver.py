@@ -3,9 +3,9 @@ import copy
 import pytest
 import torch
 
-import ipu_sparse.prune.api as api
+import ipu_sparse.prune.driver as driver
 from ipu_sparse.errors import UserError
-from ipu_sparse.prune import prune_
+from ipu_sparse.prune import PruneConfig, prune_
 from ipu_sparse.prune.common import InputStats
 from ipu_sparse.prune.driver import linear_groups
 
@@ -25,8 +25,8 @@ class _Recorder(InputStats):
 
 def _record(monkeypatch, model, **kw):
     _Recorder.seen = []
-    monkeypatch.setattr(api, "InputStats", _Recorder)
-    prune_(model, calib=_calib(), progress=False, **kw)
+    monkeypatch.setattr(driver, "InputStats", _Recorder)
+    prune_(model, PruneConfig(**kw), _calib(), progress=False)
     return _Recorder.seen
 
 
@@ -88,8 +88,8 @@ def test_group_sequential_within_layer(monkeypatch, tiny_llama):
 @pytest.mark.parametrize("sequential", ["group", "layer"])
 def test_chunked_matches_single_pass(tiny_luminous, sequential):
     a, b = tiny_luminous, copy.deepcopy(tiny_luminous)
-    prune_(a, method="wanda", sparsity=0.6, calib=_calib(), progress=False, sequential=sequential)
-    prune_(b, method="wanda", sparsity=0.6, calib=_calib(), progress=False, sequential=sequential, batch_size=4)
+    prune_(a, PruneConfig(method="wanda", sparsity=0.6, sequential=sequential), _calib(), progress=False)
+    prune_(b, PruneConfig(method="wanda", sparsity=0.6, sequential=sequential, batch_size=4), _calib(), progress=False)
     agree = total = 0
     for (_, x), (_, y) in zip(a.linear_layers(), b.linear_layers()):
         agree += int(((x.weight == 0) == (y.weight == 0)).sum())
@@ -99,12 +99,12 @@ def test_chunked_matches_single_pass(tiny_luminous, sequential):
 
 def test_dense_target_needs_one_pass(tiny_llama):
     with pytest.raises(UserError, match="one pass"):
-        prune_(tiny_llama, method="sparsegpt", sparsity=0.5, calib=_calib(), dense_target=True, batch_size=2,
+        prune_(tiny_llama, PruneConfig(method="sparsegpt", sparsity=0.5, dense_target=True, batch_size=2), _calib(),
                progress=False)
 
 
 def test_dense_target_runs_and_is_exact(tiny_llama):
-    out = prune_(tiny_llama, method="sparsegpt", sparsity=0.8, calib=_calib(), dense_target=True, refit_iters=5,
+    out = prune_(tiny_llama, PruneConfig(method="sparsegpt", sparsity=0.8, dense_target=True, refit_iters=5), _calib(),
                  progress=False)
     assert out["report"]["linear"]["zeros"] == round(0.8 * out["report"]["linear"]["numel"])
 
@@ -122,6 +122,6 @@ def test_dense_target_runs_and_is_exact(tiny_llama):
 def test_bad_arguments_leave_model_untouched(tiny_llama, kwargs, match):
     before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
     with pytest.raises(UserError, match=match):
-        prune_(tiny_llama, calib=_calib(), progress=False, **kwargs)
+        prune_(tiny_llama, PruneConfig(**kwargs), _calib(), progress=False)
     for k, v in tiny_llama.state_dict().items():
         assert torch.equal(v, before[k])

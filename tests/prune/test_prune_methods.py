@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ipu_sparse.prune import prune_
+from ipu_sparse.prune import PruneConfig, prune_
 from ipu_sparse.prune.common import InputStats, is_nm
 from ipu_sparse.prune.magnitude import Magnitude, MagnitudeRow
 from ipu_sparse.prune.owl import owl_sparsities
@@ -29,7 +29,7 @@ def _numel(model):
 @pytest.mark.parametrize("sparsity", [0.5, 0.8, 0.37])
 def test_exact_sparsity(request, family, method, sparsity):
     model = request.getfixturevalue(family)
-    out = prune_(model, method=method, sparsity=sparsity, calib=_calib(), progress=False)
+    out = prune_(model, PruneConfig(method=method, sparsity=sparsity), _calib(), progress=False)
     assert _zeros(model) == round(sparsity * _numel(model))
     rep = out["report"]
     assert rep["linear"]["zeros"] == _zeros(model)
@@ -41,7 +41,7 @@ def test_exact_sparsity(request, family, method, sparsity):
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt", "magnitude"])
 def test_exact_sparsity_with_owl(request, family, method):
     model = request.getfixturevalue(family)
-    out = prune_(model, method=method, sparsity=0.7, owl=True, owl_lambda=0.1, calib=_calib(), progress=False)
+    out = prune_(model, PruneConfig(method=method, sparsity=0.7, owl=True, owl_lambda=0.1), _calib(), progress=False)
     assert _zeros(model) == round(0.7 * _numel(model))
     targets = out["layer_target_sparsity"]
     assert abs(sum(targets) / len(targets) - 0.7) < 1e-9
@@ -63,7 +63,7 @@ def test_owl_ratios_follow_outliers():
 def test_nm_valid(request, family, method, nm):
     model = request.getfixturevalue(family)
     n, m = (int(v) for v in nm.split(":"))
-    prune_(model, method=method, nm=nm, calib=_calib(), progress=False)
+    prune_(model, PruneConfig(method=method, nm=nm), _calib(), progress=False)
     for name, mod in model.linear_layers():
         assert is_nm(mod.weight, n, m), name
         assert int((mod.weight == 0).sum()) == mod.weight.numel() * (m - n) // m
@@ -103,7 +103,7 @@ def test_solvers_share_statistics_and_free():
     sa, sb = SparseGPT(a, stats), SparseGPT(b, stats)
     sa.add_batch(X)
     assert torch.allclose(stats.H, X.t() @ X, rtol=1e-4, atol=1e-3)
-    masks = SparseGPT.prune_group([sa, sb], [256, 64])
+    masks = [~keep for keep in SparseGPT.prune_group([sa, sb], [256, 64])]  # pruned positions
     assert [int(m.sum()) for m in masks] == [256, 64]
     assert int((a.weight == 0).sum()) == 256 and int((b.weight == 0).sum()) == 64
     sa.free()
@@ -114,8 +114,8 @@ def test_deterministic(tiny_llama):
     import copy
 
     other = copy.deepcopy(tiny_llama)
-    prune_(tiny_llama, method="sparsegpt", sparsity=0.5, calib=_calib(), progress=False)
-    prune_(other, method="sparsegpt", sparsity=0.5, calib=_calib(), progress=False)
+    prune_(tiny_llama, PruneConfig(method="sparsegpt", sparsity=0.5), _calib(), progress=False)
+    prune_(other, PruneConfig(method="sparsegpt", sparsity=0.5), _calib(), progress=False)
     for (_, a), (_, b) in zip(tiny_llama.linear_layers(), other.linear_layers()):
         assert torch.equal(a.weight, b.weight)
 

@@ -6,7 +6,8 @@ import pytest
 from ipu_sparse.checkpoint import save_dense_checkpoint
 from ipu_sparse.cli import main
 from ipu_sparse.loading import load_model
-from ipu_sparse.recover import apply_masks_, magnitude_masks, mask_sparsity, masks_from_zeros
+from ipu_sparse.prune import magnitude_masks
+from ipu_sparse.recover import apply_masks_, mask_sparsity, masks_from_zeros
 
 
 @pytest.fixture
@@ -88,3 +89,22 @@ def test_cli_snapshot_minutes(setup, capsys):
     assert not list(tmp.glob("run.snapshot-*"))
     assert main(args(tmp, "--steps", "2", "--resume", "--snapshot-minutes", "1e-6")) == 0  # runtime setting
     assert (tmp / "run.snapshot-1e-06min" / "model.safetensors").is_file()
+
+
+def test_training_options_are_one_parser_for_command_and_benchmark():
+    import argparse
+
+    from ipu_sparse.cli import build_parser
+    from ipu_sparse.recover.commands import add_training_arguments, config_from_args
+
+    opts = ["--lr", "3e-4", "--block-epochs", "2", "--gradual", "0.5,0.65", "--sparsity", "0.8",
+            "--snapshot-minutes", "15,30", "--hidden-weight", "0.5", "--bf16"]
+    cmd = build_parser().parse_args(["recover", "--teacher", "t", "--student", "s", "--out", "o", "--steps", "7", *opts])
+    bench = argparse.ArgumentParser()
+    add_training_arguments(bench)  # what scripts/bench_recover.py builds on (no budget options there)
+    b = bench.parse_args(opts)
+    cfg = config_from_args(cmd)
+    assert cfg.lr == 3e-4 and cfg.block_epochs == 2 and cfg.gradual == (0.5, 0.65) and cfg.target_sparsity == 0.8
+    assert cfg.snapshot_minutes == (15.0, 30.0) and cfg.steps == 7 and cfg.bf16 and cfg.hidden_weight == 0.5
+    assert config_from_args(b, steps=7) == cfg
+    assert config_from_args(b, max_minutes=12.0, gradual=(), target_sparsity=None).max_minutes == 12.0

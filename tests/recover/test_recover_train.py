@@ -7,11 +7,13 @@ import torch
 from ipu_sparse.checkpoint import save_dense_checkpoint
 from ipu_sparse.errors import UserError
 from ipu_sparse.loading import load_model
-from ipu_sparse.recover import (RecoverConfig, Recovery, apply_masks_, count_mask_violations, lr_at, magnitude_masks,
-                                mask_gradients_, mask_sparsity, masks_from_zeros)
+from ipu_sparse.prune import magnitude_masks
+from ipu_sparse.recover import (RecoverConfig, Recovery, apply_masks_, count_mask_violations, lr_at, mask_gradients_,
+                                mask_sparsity, masks_from_zeros)
 from ipu_sparse.recover.data import windows_from_ids
 from ipu_sparse.recover.losses import kd_loss
-from ipu_sparse.recover.train import STATE_FILE
+from ipu_sparse.recover.run_io import STATE_FILE, read_train_state
+from ipu_sparse.recover.schedule import fit_horizon
 
 
 def pruned(preset="tiny-llama", sparsity=0.8):
@@ -82,7 +84,7 @@ def test_recovery_holds_mask_changes_kept_weights_and_reduces_kl(tmp_path):
 
 def _final_state(path):
     lm = load_model(str(path))
-    st = torch.load(str(path / STATE_FILE))
+    st = read_train_state(path)[0]
     return lm.model.state_dict(), st
 
 
@@ -91,10 +93,10 @@ def _assert_same_run(a, b):
     sdb, stb = _final_state(b)
     for k in sda:
         assert torch.equal(sda[k], sdb[k]), k
-    assert sta["micro_step"] == stb["micro_step"] and sta["tokens"] == stb["tokens"]
-    assert sta["global_step"] == stb["global_step"]
-    losses_a = [h["loss"] for h in sta["history"] if "loss" in h]
-    losses_b = [h["loss"] for h in stb["history"] if "loss" in h]
+    assert sta.micro_step == stb.micro_step and sta.tokens == stb.tokens
+    assert sta.global_step == stb.global_step
+    losses_a = [h["loss"] for h in sta.history if "loss" in h]
+    losses_b = [h["loss"] for h in stb.history if "loss" in h]
     assert losses_a == losses_b
 
 
@@ -147,8 +149,8 @@ def test_interrupt_inside_block_phase_resumes_exactly(tmp_path, monkeypatch):
     run("straight")
     s = run("split", stop_at=7)
     assert s["stop_reason"] == "interrupted" and not s["finished"]
-    st = torch.load(str(tmp_path / "split" / STATE_FILE))
-    assert st["stage"] == "block" and st["block"] == 1
+    st = read_train_state(tmp_path / "split")[0]
+    assert st.stage == "block" and st.block == 1
     run("split", resume=True)
     _assert_same_run(tmp_path / "straight", tmp_path / "split")
 
@@ -156,24 +158,19 @@ def test_interrupt_inside_block_phase_resumes_exactly(tmp_path, monkeypatch):
 def test_time_budget_fits_horizon_and_stops(tmp_path):
     run = make_run(tmp_path, steps=None, max_minutes=0.1, eval_every=1000)
     s = run.run()
-    step_s = [h["step_s"] for h in run.state["history"] if "step_s" in h]
+    step_s = [h["step_s"] for h in run.state.history if "step_s" in h]
     assert s["steps"] >= 1
     # stopped by the horizon fitted to the budget, or by the budget itself (at most one step late)
     assert s["finished"] or s["stop_reason"] == "time budget reached"
     # training time when the final save began (the save and its plot are not training)
-    assert run.state["elapsed_s"] <= 6 + max(step_s) + 1
+    assert run.state.elapsed_s <= 6 + max(step_s) + 1
     if s["steps"] >= 3:  # the horizon is fitted after 3 measured steps
-        assert run.state["horizons"]["0"] >= 3
+        assert run.state.horizons[0] >= 3
 
 
 def test_budget_horizon_gives_each_gradual_phase_an_equal_share():
-    from types import SimpleNamespace
-
-    cfg = SimpleNamespace(max_minutes=30, batch_size=4, grad_accum=1, seq_len=512)
-
-    def horizon(phase_step, elapsed, ph, n_phases):
-        fake = SimpleNamespace(cfg=cfg, elapsed=lambda: elapsed, state={"phase_step": phase_step}, log=lambda m: None)
-        return Recovery._estimate_horizon(fake, [10.0] * 21, ph, n_phases)
+    def horizon(phase_step, elapsed, ph, n_phases):  # a 30-minute budget, steps of 10 s
+        return fit_horizon([10.0] * 21, phase_step, 30 * 60 - elapsed, ph, n_phases)[0]
 
     # 600 s of the 1800 s used, 20 steps of 10 s into phase 0 of 3: the phase's share of the 1400 s that
     # are its and the later phases' is 466 s = 46 steps in all (not 20 more + a third of what is left)
@@ -242,7 +239,7 @@ def test_gradual_with_project_pruning_method(tmp_path):
     s = run.run()
     assert s["finished"] and abs(s["sparsity"] - 0.8) < 0.01
     assert count_mask_violations(student.model, run.masks) == 0
-    starts = [h for h in run.state["history"] if str(h.get("eval", "")).endswith("start")]
+    starts = [h for h in run.state.history if str(h.get("eval", "")).endswith("start")]
     assert len(starts) == 2
 
 
@@ -260,7 +257,7 @@ def test_snapshots_keep_the_student_at_given_minutes(tmp_path, monkeypatch):
 
     monkeypatch.setattr(run, "_maybe_save", ticking)
     run.run()
-    taken = run.state["snapshots"]
+    taken = run.state.snapshots
     assert sorted(taken) == ["1.0", "2.0"]  # 60 min never reached
     assert taken["1.0"]["steps"] < taken["2.0"]["steps"] <= 6
     for m in (1.0, 2.0):

@@ -5,8 +5,8 @@ import pytest
 
 from ipu_sparse.cli import main as cli_main
 from ipu_sparse.config import get_preset
+from ipu_sparse.prune import magnitude_prune_
 from ipu_sparse.sparse.accounting import account, rows_from_config, rows_from_model
-from ipu_sparse.sparse.commands import magnitude_prune_
 from ipu_sparse.sparse.formats import format_nbytes
 
 

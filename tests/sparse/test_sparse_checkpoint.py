@@ -5,13 +5,14 @@ import json
 import pytest
 import torch
 
-from ipu_sparse.checkpoint import META_FILE, load_checkpoint, save_dense_checkpoint, sha256_file
+from ipu_sparse.checkpoint import META_FILE, save_dense_checkpoint
 from ipu_sparse.cli import main as cli_main
 from ipu_sparse.errors import UserError
-from ipu_sparse.loading import LoadedModel, load_model
+from ipu_sparse.fileio import sha256_file
+from ipu_sparse.loading import LoadedModel, load_checkpoint, load_model
 from ipu_sparse.loading.tokenizer import ByteTokenizer
-from ipu_sparse.sparse.checkpoint import load_sparse_checkpoint, save_sparse_checkpoint
-from ipu_sparse.sparse.commands import magnitude_prune_
+from ipu_sparse.prune import magnitude_prune_
+from ipu_sparse.sparse.checkpoint import save_sparse_checkpoint
 from ipu_sparse.sparse.linear import LowPrecisionLinear, SparseConfig, SparseLinear, sparse_modules, sparsify_
 
 IDX = torch.tensor([[1, 7, 30, 99, 4, 5, 200, 17]])
@@ -43,7 +44,8 @@ def test_round_trip_fp32_exact(pruned_llama, tmp_path, fmt):
 
 def test_round_trip_luminous_bias_bf16_and_sparse_head(tiny_luminous, tmp_path):
     magnitude_prune_(tiny_luminous, 0.8, include_head=True)
-    out = save_sparse_checkpoint(tiny_luminous, None, tmp_path / "ck", dtype="bf16", include_head=True)
+    out = save_sparse_checkpoint(tiny_luminous, None, tmp_path / "ck", dtype="bf16", include_head=True,
+                                 dense_dtype="fp32")
     lm = load_checkpoint(out)
     assert isinstance(lm.model.lm_head, SparseLinear)
     for name, mod in tiny_luminous.linear_layers(include_head=True):
@@ -56,13 +58,32 @@ def test_round_trip_luminous_bias_bf16_and_sparse_head(tiny_luminous, tmp_path):
 
 def test_low_precision_head_and_already_sparse_model(pruned_llama, tmp_path):
     m = sparsify_(copy.deepcopy(pruned_llama), SparseConfig(format="csr16", dtype="fp16", head_dtype="fp16"))
-    out = save_sparse_checkpoint(m, None, tmp_path / "ck", format="bitmap")  # stored as they are
+    out = save_sparse_checkpoint(m, None, tmp_path / "ck", format="bitmap", dense_dtype="fp32")  # stored as they are
     meta = json.loads((out / META_FILE).read_text())
     assert meta["head"] == {"kind": "low_precision", "dtype": "fp16", "source_tied": True}
     assert {v["format"] for v in meta["layers"].values()} == {"csr16"}
     lm = load_checkpoint(out)
     assert isinstance(lm.model.lm_head, LowPrecisionLinear)
     torch.testing.assert_close(lm.model(IDX), m(IDX), rtol=1e-5, atol=1e-5)
+
+
+def test_dense_tensors_stored_16bit_by_default_fp32_on_request(pruned_llama, tmp_path):
+    from safetensors import safe_open
+
+    def dtypes(path):
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            return {k: f.get_tensor(k).dtype for k in f.keys()}
+
+    for dense_dtype, want in ((None, torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+        out = save_sparse_checkpoint(pruned_llama, None, tmp_path / f"ck-{dense_dtype}", dtype="bf16",
+                                     dense_dtype=dense_dtype)
+        dt = dtypes(out)
+        assert dt["embed.weight"] == want and dt["norm.weight"] == want and dt["layers.0.attn_norm.weight"] == want
+        assert dt["layers.0.attn.q_proj.values"] == torch.bfloat16  # sparse values keep their own dtype
+        assert json.loads((out / META_FILE).read_text())["dtype"] == str(want).replace("torch.", "")
+        lm = load_checkpoint(out)
+        assert torch.equal(lm.model.embed.weight, pruned_llama.embed.weight.to(want).float())
+        assert lm.model.lm_head.weight is lm.model.embed.weight
 
 
 def test_overwrite_and_extra_meta(pruned_llama, tmp_path):
@@ -207,5 +228,28 @@ def test_smollm2_sparse_matches_dense_with_zeros(smollm2, tmp_path):
     assert meta["totals"]["sparse_layer_bytes"] / meta["totals"]["sparse_layer_dense_fp16_bytes"] < 0.27
     lm = load_checkpoint(out)
     got = lm.model(idx)
+    assert torch.equal(got[0, -1].argmax(), ref[0, -1].argmax())
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+@pytest.mark.slow
+def test_smollm2_80pct_bitmap_bytes_on_disk_match_accounting(smollm2, tmp_path, capsys):
+    """An 80% bitmap checkpoint (bf16 values, dense tensors 16-bit by default) is as small on disk as
+    the accounting says (within 1%) and at most 45% of the dense fp16 model; inspect prints both."""
+    from ipu_sparse.sparse.checkpoint import disk_bytes, summarize
+
+    model = copy.deepcopy(smollm2.model)
+    magnitude_prune_(model, 0.8)
+    out = save_sparse_checkpoint(model, smollm2.tokenizer, tmp_path / "ck", format="bitmap", dtype="bf16")
+    result = summarize(json.loads((out / META_FILE).read_text()))
+    on_disk, accounted = disk_bytes(out), result["whole_model"]["bytes"]
+    assert abs(on_disk - accounted) / accounted < 0.01
+    assert on_disk / result["whole_model"]["dense_fp16_bytes"] <= 0.45
+    assert cli_main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"on disk: model.safetensors {on_disk / 1e6:.2f} MB" in text and "of dense fp16" in text
+    lm = load_checkpoint(out)
+    idx = torch.tensor([smollm2.tokenizer.encode("The capital of France is")])
+    got, ref = lm.model(idx), model(idx)
     assert torch.equal(got[0, -1].argmax(), ref[0, -1].argmax())
     assert (got - ref).abs().max() < 0.05 * ref.abs().max()

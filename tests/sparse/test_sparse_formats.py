@@ -139,3 +139,155 @@ def test_unsupported_dtype_and_shape():
         from_dense(torch.zeros(3, 3), "bitmap", "int8")
     with pytest.raises(UserError):
         CSR16.from_dense(torch.zeros(1, 70000))
+
+
+# ----- validation where a format object is built from tensors ------------------------------------
+
+def _csr_tampers(m):
+    """(name, tensors) of every way the stored index of a valid matrix ``m`` is made invalid."""
+    rp = m.row_ptr
+    counts = m.row_counts()
+    assert int(counts[0]) >= 1 and int((counts > 0).sum()) >= 3
+    non_monotone = rp.clone()
+    non_monotone[1] = rp[-1]  # jumps to nnz, then falls back: start 0 and end nnz still hold
+    not_from_zero = rp.clone()
+    not_from_zero[0] = 1
+    not_to_nnz = rp.clone()
+    not_to_nnz[-1] -= 1
+    cases = [
+        ("row_ptr non-monotone", dict(row_ptr=non_monotone)),
+        ("row_ptr not from 0", dict(row_ptr=not_from_zero)),
+        ("row_ptr not to nnz", dict(row_ptr=not_to_nnz)),
+        ("row_ptr too short", dict(row_ptr=rp[:-1].clone())),
+        ("row_ptr int64", dict(row_ptr=rp.to(torch.int64))),
+        ("values int32", dict(values=m.values.to(torch.int32))),
+        ("values 2-D", dict(values=m.values.view(1, -1))),
+        ("values one short", dict(values=m.values[:-1].clone())),
+    ]
+    if isinstance(m, CSR16):
+        col = m.col_idx.clone()
+        col[0] = m.cols  # one past the last column
+        wrapped = m.col_idx.clone()
+        wrapped[0] = -1  # read back as 65535
+        dup = m.col_idx.clone()
+        first_row = next(r for r in range(m.rows) if counts[r] >= 2)
+        s = int(rp[first_row])
+        dup[s + 1] = dup[s]
+        cases += [("column out of range", dict(col_idx=col)), ("column 65535", dict(col_idx=wrapped)),
+                  ("column repeated in a row", dict(col_idx=dup)),
+                  ("col_idx int32", dict(col_idx=m.col_idx.to(torch.int32))),
+                  ("col_idx one short", dict(col_idx=m.col_idx[:-1].clone()))]
+    else:
+        pad = m.mask.clone()
+        pad[0, -1] |= 0x80  # a bit beyond the last column
+        flipped = m.mask.clone()
+        flipped[2, 0] ^= 0x01  # popcount of row 2 no longer matches row_ptr
+        cases += [("mask bit beyond the last column", dict(mask=pad)), ("mask popcount", dict(mask=flipped)),
+                  ("mask int16", dict(mask=m.mask.to(torch.int16))),
+                  ("mask one row short", dict(mask=m.mask[:-1].clone()))]
+    return [(name, _tamper(m, **change)) for name, change in cases]
+
+
+def _valid_matrix(fmt):
+    w = random_sparse(6, 21, 0.5, 3)
+    w[:, 20] = 1.0  # every row has a value in the last byte's columns
+    return from_dense(w, fmt, torch.bfloat16)
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_every_tampering_is_refused_where_tensors_become_a_matrix(fmt):
+    from ipu_sparse.sparse.formats import FormatError
+
+    m = _valid_matrix(fmt)
+    cls = FORMATS[fmt]
+    cls(m.shape, **m.tensors())  # the untampered tensors pass
+    cases = _csr_tampers(m)
+    assert len(cases) >= 12
+    for name, tensors in cases:
+        # a library caller gets a ValueError ...
+        with pytest.raises(ValueError, match="layers.3.q"):
+            cls(m.shape, where="layers.3.q", **tensors)
+        with pytest.raises(FormatError):
+            cls(m.shape, **tensors)
+        # ... and a file's tensors a UserError (one line on the command line)
+        with pytest.raises(UserError, match="ckpt: q"):
+            from_tensors(fmt, m.shape, tensors, where="ckpt: q")
+
+
+class _SpyKernels:
+    """Stands in for the compiled extension: records every call, and whether its index was valid."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _call(self, fmt, x, tensors, bias, rows, cols):
+        cls = FORMATS[fmt]
+        try:
+            m = cls((rows, cols), **dict(zip(cls.tensor_names, tensors)))
+            ok = True
+        except ValueError:
+            m, ok = None, False
+        self.calls.append((fmt, ok))
+        from ipu_sparse.sparse.kernels import reference_matmul
+        return reference_matmul(x, m, bias) if ok else torch.zeros(x.shape[0], rows)
+
+    def bitmap_matmul(self, x, mask, row_ptr, values, bias, rows, cols):
+        return self._call("bitmap", x, (mask, row_ptr, values), bias, rows, cols)
+
+    def csr_matmul(self, x, row_ptr, col_idx, values, bias, rows, cols):
+        return self._call("csr16", x, (row_ptr, col_idx, values), bias, rows, cols)
+
+
+@pytest.fixture
+def spy_kernels(monkeypatch):
+    from ipu_sparse.sparse import kernels
+
+    spy = _SpyKernels()
+    monkeypatch.setitem(kernels._state, "ext", spy)
+    monkeypatch.setitem(kernels._state, "tried", True)
+    monkeypatch.setitem(kernels._state, "backend", "compiled")
+    monkeypatch.setattr(kernels, "FAST_EXT", None)
+    return spy
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_the_kernel_is_never_reached_with_a_bad_index(fmt, spy_kernels):
+    from ipu_sparse.sparse import kernels
+    from ipu_sparse.sparse.linear import SparseLinear
+
+    m = _valid_matrix(fmt)
+    x = torch.randn(3, 21)
+    layer = SparseLinear(m, torch.randn(6))
+    want = layer(x)
+    assert spy_kernels.calls == [(fmt, True)]  # the layer's decode path does use the (spied) kernel
+    torch.testing.assert_close(want, x @ m.to_dense().float().t() + layer.bias)
+    state = layer.state_dict()
+    for name, tensors in _csr_tampers(m):
+        with pytest.raises(ValueError):
+            kernels.sparse_matmul(x, type(m)(m.shape, **tensors))
+        bad_state = dict(state, **tensors)
+        with pytest.raises(ValueError, match="state dict"):
+            layer.load_state_dict(bad_state)
+        torch.testing.assert_close(layer(x), want)  # the layer kept its valid index
+    assert all(ok for _, ok in spy_kernels.calls), name
+    assert len(spy_kernels.calls) == 1 + len(_csr_tampers(m))
+
+
+
+def test_format_options_take_their_choices_from_the_registry():
+    import argparse
+
+    from ipu_sparse.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for command, extra in [("sparsify", ()), ("account", ()), ("prune", ("dense",))]:
+        option = next(a for a in sub.choices[command]._actions if "--format" in a.option_strings)
+        assert tuple(option.choices) == extra + tuple(sorted(FORMATS)), command
+
+
+def test_byte_count_is_the_format_classes():
+    for fmt, cls in FORMATS.items():
+        m = _valid_matrix(fmt)
+        parts = cls.byte_parts(m.rows, m.cols, m.nnz, m.dtype)
+        assert parts == {k: t.numel() * t.element_size() for k, t in m.tensors().items()}
+        assert format_nbytes(fmt, m.rows, m.cols, m.nnz, m.dtype) == cls.nbytes_for(m.rows, m.cols, m.nnz, 2) == m.nbytes()

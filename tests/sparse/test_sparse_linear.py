@@ -7,8 +7,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ipu_sparse.errors import UserError
+from ipu_sparse.prune import magnitude_prune_
 from ipu_sparse.sparse import kernels
-from ipu_sparse.sparse.commands import magnitude_prune_
 from ipu_sparse.sparse.formats import FORMATS
 from ipu_sparse.sparse.linear import LowPrecisionLinear, SparseConfig, SparseLinear, sparse_modules, sparsify_
 

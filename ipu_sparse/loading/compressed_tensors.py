@@ -26,10 +26,10 @@ import torch.nn as nn
 
 from ..checkpoint import model_from_state_dict
 from ..errors import UserError
-from ..fileio import atomic_directory, read_json_object, read_safetensors
+from ..fileio import atomic_directory, read_json_object
 from ..sparse.formats import DTYPE_NAMES, Bitmap, from_tensors, value_dtype
 from ..sparse.linear import SparseConfig, SparseLinear, sparsify_
-from .hf import config_from_hf, hf_config, hf_to_ours, ours_to_hf
+from .hf import config_from_hf, hf_config, hf_to_ours, ours_to_hf, read_shards
 
 QUANT_METHOD = "compressed-tensors"
 SPARSE_BITMASK = "sparse-bitmask"
@@ -168,12 +168,7 @@ def load_compressed_tensors(path, dtype: torch.dtype = torch.float32, device: st
         raise UserError(f"{path / 'config.json'}: sparsity format {fmt!r} is not supported "
                         f"(supported: {SPARSE_BITMASK!r}, 'dense')")
     cfg = config_from_hf(hf, path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{path}: no *.safetensors files")
-    raw: Dict[str, torch.Tensor] = {}
-    for f in files:
-        raw.update(read_safetensors(f))
+    raw = read_shards(path)
     # a weight stored as sparse-bitmask: its prefix has a ``bitmask`` or ``compressed`` tensor
     prefixes = {k.rpartition(".")[0] for k in raw if k.rpartition(".")[2] in ("bitmask", "compressed")}
     groups = {p: {part: raw.pop(f"{p}.{part}") for part in PARTS if f"{p}.{part}" in raw} for p in sorted(prefixes)}

@@ -69,6 +69,18 @@ def ours_to_hf(name: str) -> str:
     return "model." + name
 
 
+def read_shards(path: Path) -> Dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face directory's ``*.safetensors`` shards, under its stored name
+    (rotary ``inv_freq`` buffers, which some exporters save, are dropped: they are recomputed)."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{path}: no *.safetensors files")
+    tensors: Dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update((k, v) for k, v in read_safetensors(f).items() if not k.endswith("rotary_emb.inv_freq"))
+    return tensors
+
+
 def load_hf_dir(path, dtype: torch.dtype = torch.float32) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
     path = Path(path)
     cfg_path = path / "config.json"
@@ -76,15 +88,7 @@ def load_hf_dir(path, dtype: torch.dtype = torch.float32) -> Tuple[ModelConfig, 
         raise UserError(f"{path}: no config.json (expected a Hugging Face model directory)")
     hf = read_json_object(cfg_path, "model configuration")
     cfg = config_from_hf(hf, path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{path}: no *.safetensors files")
-    sd: Dict[str, torch.Tensor] = {}
-    for f in files:
-        for k, v in read_safetensors(f).items():
-            if k.endswith("rotary_emb.inv_freq"):
-                continue
-            sd[hf_to_ours(k)] = v.to(dtype)
+    sd = {hf_to_ours(k): v.to(dtype) for k, v in read_shards(path).items()}
     if cfg.tie_embeddings:
         sd.pop("lm_head.weight", None)
     return cfg, sd

@@ -32,7 +32,6 @@ from .formats import SparseMatrix
 log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "compiled", "reference")
-_state = {"ext": None, "tried": False, "reason": None, "backend": os.environ.get("IPU_SPARSE_BACKEND", "auto")}
 
 
 def _jit_build():
@@ -47,66 +46,105 @@ def _jit_build():
                 extra_ldflags=link_args + ["-Wl,-rpath," + torch_lib], build_directory=cache, verbose=False)
 
 
-def load_extension():
-    """The compiled module, or None (the reason is in ``extension_status()``)."""
-    if _state["tried"]:
-        return _state["ext"]
-    _state["tried"] = True
-    try:
-        if os.environ.get("IPU_SPARSE_NO_EXT"):
-            raise ImportError("disabled by IPU_SPARSE_NO_EXT")
-        from . import _kernels as ext  # built by setup.py build_ext
-    except ImportError as exc:
-        ext = None
-        _state["reason"] = f"compiled kernel not available ({exc}); build it with `python setup.py build_ext --inplace`"
-        if os.environ.get("IPU_SPARSE_JIT"):
-            try:
-                ext = _jit_build()
-            except Exception as jit_exc:  # compiler missing, headers missing, ...
-                _state["reason"] += f"; JIT build failed: {jit_exc}"
-    if ext is not None:
-        forced = os.environ.get("IPU_SPARSE_ISA")
-        if forced:
-            try:
-                ext.set_isa(forced)
-            except RuntimeError as exc:
-                raise UserError(f"IPU_SPARSE_ISA={forced}: {exc}") from None
-        _state["reason"] = None
-    else:
-        log.warning("ipu_sparse: using the pure-torch sparse kernel: %s", _state["reason"])
-    _state["ext"] = ext
-    return ext
+class KernelBinding:
+    """Which sparse matmul this process runs: the chosen backend and the compiled module, loaded once.
+
+    A loaded extension module is process-wide (like torch's own backends), so there is one
+    instance, ``BINDING``; the module-level functions below are its public interface.
+    """
+
+    def __init__(self, backend: str):
+        self.backend = backend
+        self.ext = None        # the compiled module once loaded, else None
+        self.tried = False     # whether loading was attempted
+        self.reason = None     # why the compiled module is unavailable
+        self.fast = None       # the module while the backend allows it (read by SparseLinear.forward)
+
+    def load_extension(self):
+        """The compiled module, or None (the reason is in ``extension_status()``)."""
+        if self.tried:
+            return self.ext
+        self.tried = True
+        try:
+            if os.environ.get("IPU_SPARSE_NO_EXT"):
+                raise ImportError("disabled by IPU_SPARSE_NO_EXT")
+            from . import _kernels as ext  # built by setup.py build_ext
+        except ImportError as exc:
+            ext = None
+            self.reason = f"compiled kernel not available ({exc}); build it with `python setup.py build_ext --inplace`"
+            if os.environ.get("IPU_SPARSE_JIT"):
+                try:
+                    ext = _jit_build()
+                except Exception as jit_exc:  # compiler missing, headers missing, ...
+                    self.reason += f"; JIT build failed: {jit_exc}"
+        if ext is not None:
+            forced = os.environ.get("IPU_SPARSE_ISA")
+            if forced:
+                try:
+                    ext.set_isa(forced)
+                except RuntimeError as exc:
+                    raise UserError(f"IPU_SPARSE_ISA={forced}: {exc}") from None
+            self.reason = None
+        else:
+            log.warning("ipu_sparse: using the pure-torch sparse kernel: %s", self.reason)
+        self.ext = ext
+        return ext
+
+    def extension_status(self) -> str:
+        """One line: which kernel runs and why."""
+        ext = self.load_extension()
+        if ext is None:
+            return f"reference (pure torch): {self.reason}"
+        return f"compiled ({ext.isa()}; best on this CPU: {ext.best_isa()}; threads {torch.get_num_threads()})"
+
+    def set_backend(self, name: str) -> None:
+        if name not in BACKENDS:
+            raise UserError(f"unknown sparse backend {name!r} ({', '.join(BACKENDS)})")
+        self.backend = name
+        self.fast = None  # re-resolved on the next call
+
+    def get_backend(self) -> str:
+        return self.backend
+
+    def set_isa(self, name: str) -> None:
+        """Force the compiled kernel's code path (``avx512``, ``avx2``, ``scalar``); for tests and benchmarks."""
+        ext = self.load_extension()
+        if ext is None:
+            raise UserError(f"no compiled kernel: {self.reason}")
+        try:
+            ext.set_isa(name)
+        except RuntimeError as exc:
+            raise UserError(str(exc)) from None
+
+    def fast_extension(self):
+        """The compiled module when the backend is ``auto`` or ``compiled`` and it is available, else None."""
+        if self.backend == "reference":
+            self.fast = None
+            return None
+        ext = self.ext if self.tried else self.load_extension()
+        if ext is None and self.backend == "compiled":
+            raise UserError(f"compiled sparse kernel requested but unavailable: {self.reason}")
+        self.fast = ext
+        return ext
+
+    def use_compiled(self, x: torch.Tensor, backend: str) -> bool:
+        if backend == "reference":
+            return False
+        ext = self.load_extension()
+        if backend == "compiled":
+            if ext is None:
+                raise UserError(f"compiled sparse kernel requested but unavailable: {self.reason}")
+            return True
+        return ext is not None and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
 
 
-def extension_status() -> str:
-    """One line: which kernel runs and why."""
-    ext = load_extension()
-    if ext is None:
-        return f"reference (pure torch): {_state['reason']}"
-    return f"compiled ({ext.isa()}; best on this CPU: {ext.best_isa()}; threads {torch.get_num_threads()})"
-
-
-def set_backend(name: str) -> None:
-    global FAST_EXT
-    if name not in BACKENDS:
-        raise UserError(f"unknown sparse backend {name!r} ({', '.join(BACKENDS)})")
-    _state["backend"] = name
-    FAST_EXT = None  # re-resolved on the next call
-
-
-def get_backend() -> str:
-    return _state["backend"]
-
-
-def set_isa(name: str) -> None:
-    """Force the compiled kernel's code path (``avx512``, ``avx2``, ``scalar``); for tests and benchmarks."""
-    ext = load_extension()
-    if ext is None:
-        raise UserError(f"no compiled kernel: {_state['reason']}")
-    try:
-        ext.set_isa(name)
-    except RuntimeError as exc:
-        raise UserError(str(exc)) from None
+BINDING = KernelBinding(os.environ.get("IPU_SPARSE_BACKEND", "auto"))
+load_extension = BINDING.load_extension
+extension_status = BINDING.extension_status
+set_backend = BINDING.set_backend
+get_backend = BINDING.get_backend
+set_isa = BINDING.set_isa
+fast_extension = BINDING.fast_extension
 
 
 def reference_matmul(x: torch.Tensor, w: SparseMatrix, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -125,41 +163,13 @@ def reference_matmul(x: torch.Tensor, w: SparseMatrix, bias: Optional[torch.Tens
     return y
 
 
-# The compiled module once loaded while the backend allows it (read by SparseLinear.forward).
-FAST_EXT = None
-
-
-def fast_extension():
-    """The compiled module when the backend is ``auto`` or ``compiled`` and it is available, else None."""
-    global FAST_EXT
-    if _state["backend"] == "reference":
-        FAST_EXT = None
-        return None
-    ext = _state["ext"] if _state["tried"] else load_extension()
-    if ext is None and _state["backend"] == "compiled":
-        raise UserError(f"compiled sparse kernel requested but unavailable: {_state['reason']}")
-    FAST_EXT = ext
-    return ext
-
-
-def _use_compiled(x: torch.Tensor, backend: str) -> bool:
-    if backend == "reference":
-        return False
-    ext = load_extension()
-    if backend == "compiled":
-        if ext is None:
-            raise UserError(f"compiled sparse kernel requested but unavailable: {_state['reason']}")
-        return True
-    return ext is not None and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad)
-
-
 def sparse_matmul(x: torch.Tensor, w: SparseMatrix, bias: Optional[torch.Tensor] = None,
                   backend: Optional[str] = None) -> torch.Tensor:
     """``x (B, cols) @ W.T + bias`` -> (B, rows) fp32."""
-    backend = backend or _state["backend"]
-    if not _use_compiled(x, backend):
+    backend = backend or BINDING.backend
+    if not BINDING.use_compiled(x, backend):
         return reference_matmul(x, w, bias)
-    ext = _state["ext"]
+    ext = BINDING.ext
     xf = x if (x.dtype == torch.float32 and x.is_contiguous()) else x.float().contiguous()
     b = None if bias is None else (bias if bias.dtype == torch.float32 else bias.float())
     if w.kernel is None:  # a format without a compiled kernel

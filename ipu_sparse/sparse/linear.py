@@ -100,7 +100,7 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (N, in)
-        ext = kernels.FAST_EXT or kernels.fast_extension()
+        ext = kernels.BINDING.fast or kernels.fast_extension()
         buf = self._buffers  # direct dict access: nn.Module.__getattr__ costs ~1 us per buffer
         bias = buf["bias"]
         if x2.shape[0] >= self.dense_rows_threshold and x.device.type == "cpu":

@@ -243,10 +243,10 @@ def spy_kernels(monkeypatch):
     from ipu_sparse.sparse import kernels
 
     spy = _SpyKernels()
-    monkeypatch.setitem(kernels._state, "ext", spy)
-    monkeypatch.setitem(kernels._state, "tried", True)
-    monkeypatch.setitem(kernels._state, "backend", "compiled")
-    monkeypatch.setattr(kernels, "FAST_EXT", None)
+    monkeypatch.setattr(kernels.BINDING, "ext", spy)
+    monkeypatch.setattr(kernels.BINDING, "tried", True)
+    monkeypatch.setattr(kernels.BINDING, "backend", "compiled")
+    monkeypatch.setattr(kernels.BINDING, "fast", None)
     return spy
 
 

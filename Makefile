@@ -42,8 +42,9 @@ test: venv
 test-py38: venv38
 	$(PY38) -m pytest -q
 
+# Batch-1 decode, ours (dense, sparse 50-90%, bf16/int8) vs llama.cpp: results/decode_bench.{json,md,png}
 bench: venv
-	$(PY) scripts/bench_dense_decode.py
+	$(PY) scripts/bench_decode.py
 
 clean:
 	rm -rf $(VENV) $(VENV38) build *.egg-info

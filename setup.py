@@ -5,30 +5,32 @@ import sys
 from setuptools import find_packages, setup
 
 # --- compiled sparse CPU kernel (ipu_sparse.sparse._kernels) ----------------------------------
-# Built by `python setup.py build_ext --inplace` (or any install) when torch is importable at
-# build time. The build is optional: without torch, with IPU_SPARSE_NO_EXT=1, or when the
-# compiler fails, the package installs without it and ipu_sparse.sparse.kernels falls back to
-# the pure-torch reference kernel (logging why).
+# Built from every ipu_sparse/sparse/csrc/*.cpp (ipu_sparse/sparse/build.py holds the source list and
+# flags) by `python setup.py build_ext --inplace` or any install where torch is importable at build
+# time (`pip install --no-build-isolation -e .`). Where it is not (plain `pip install .` builds in an
+# isolated environment without torch), with IPU_SPARSE_NO_EXT=1, or when the compiler fails, the
+# package installs without it; the sources ship as package data and ipu_sparse.sparse.kernels
+# compiles them once on first use, into ~/.cache/ipu_sparse (build.jit_load).
+def _sparse_build_module():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ipu_sparse", "sparse", "build.py")
+    spec = importlib.util.spec_from_file_location("_ipu_sparse_build", path)  # no package import needed
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _sparse_kernel_build():
     if os.environ.get("IPU_SPARSE_NO_EXT"):
         return {}
     try:
         from torch.utils import cpp_extension
     except ImportError:
-        print("ipu-sparse: torch not importable at build time; skipping the compiled sparse kernel", file=sys.stderr)
+        print("ipu-sparse: torch not importable at build time; the sparse kernel will be compiled on first use",
+              file=sys.stderr)
         return {}
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "ipu_sparse", "sparse"))
-    try:
-        import build as sparse_build  # ipu_sparse/sparse/build.py (no package import needed)
-    finally:
-        sys.path.pop(0)
-    torch_lib = os.path.join(os.path.dirname(cpp_extension.__file__), "..", "lib")
-    torch_lib = os.path.normpath(torch_lib)
-    link_args, rpath = sparse_build.openmp_link_args(torch_lib)
-    ext = cpp_extension.CppExtension(
-        sparse_build.EXT_NAME, [sparse_build.SOURCE], depends=list(sparse_build.DEPENDS),
-        extra_compile_args=list(sparse_build.CXX_FLAGS), extra_link_args=link_args, runtime_library_dirs=rpath,
-    )
+    ext = _sparse_build_module().make_extension(cpp_extension)
 
     class OptionalBuildExt(cpp_extension.BuildExtension):
         def build_extension(self, extension):
@@ -36,7 +38,7 @@ def _sparse_kernel_build():
                 super().build_extension(extension)
             except Exception as exc:  # a missing compiler must not break the install
                 print(f"ipu-sparse: building {extension.name} failed ({exc}); "
-                      "the pure-torch sparse kernel will be used", file=sys.stderr)
+                      "it will be compiled on first use, or the pure-torch kernel used", file=sys.stderr)
 
     return {"ext_modules": [ext], "cmdclass": {"build_ext": OptionalBuildExt}}
 # --- end compiled sparse CPU kernel --------------------------------------------------------------
@@ -76,7 +78,9 @@ setup(
     python_requires=">=3.8",
     packages=find_packages(include=["ipu_sparse", "ipu_sparse.*"]),
     package_data={"ipu_sparse.ipu": ["data/*.json"],  # PopTorch 3.4 op table for ipu-check
-                  "ipu_sparse.serve": ["static/*.html", "static/*.js", "static/*.css"]},  # the Lumi chat page
+                  "ipu_sparse.eval": ["chat_probe.json"],  # the chat probe's questions
+                  "ipu_sparse.serve": ["static/*.html", "static/*.js", "static/*.css"],  # the Lumi chat page
+                  "ipu_sparse.sparse": ["csrc/*.cpp", "csrc/*.h"]},  # compiled on first use (sparse/build.py)
     install_requires=[
         "torch>=2.0.1",
         "numpy",

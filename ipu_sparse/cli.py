@@ -47,6 +47,7 @@ INT_MINIMUM = {
     "prompt_len": 1, "ipus": 1, "batch": 1, "batch_size": 1, "task_batch_size": 1, "nsamples": 1,
     "owl_nsamples": 1, "blocksize": 1, "refit_iters": 0, "top_k": 0, "steps": 1, "max_tokens": 1,
     "embed_shards": 1, "head_shards": 1, "heldout_windows": 1, "grad_accum": 1,
+    "alloc_nsamples": 1, "recon_steps": 0, "recon_batch": 1,
 }
 SEED_LIMIT = 2 ** 63  # torch generators take 64-bit seeds
 

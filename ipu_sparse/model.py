@@ -40,16 +40,16 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
 
 
 def rope_tables(cfg: ModelConfig, positions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables for the given positions, each (T, hd), "rotate half" layout."""
+    """cos/sin tables for the given positions (T,) or (B, T): each (..., hd), "rotate half" layout."""
     hd = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32, device=positions.device) / hd))  # (hd/2,)
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # (T, hd/2)
-    emb = torch.cat([angles, angles], dim=-1)  # (T, hd)
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # (..., T, hd/2)
+    emb = torch.cat([angles, angles], dim=-1)  # (..., T, hd)
     return emb.cos(), emb.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, nh, T, hd); cos/sin: (T, hd)
+    # x: (B, nh, T, hd); cos/sin: (T, hd), or (B, 1, T, hd) with per-row positions
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     if x.dtype == torch.float32:
@@ -112,9 +112,13 @@ class Attention(nn.Module):
         self.kv_cache: Optional[KVCache] = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                input_pos: Optional[torch.Tensor] = None, filled: Optional[int] = None) -> torch.Tensor:
+                input_pos: Optional[torch.Tensor] = None, filled: Optional[int] = None,
+                left_pad: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``input_pos`` (T,): cache positions of the new tokens (uses the cache);
-        ``filled``: number of valid cache positions (dynamic cache only)."""
+        ``filled``: number of valid cache positions (dynamic cache only);
+        ``left_pad`` (B,): cache slots before each row's first real token, never attended to;
+        ``attn_mask`` (B, 1, T, T) bool, True = may attend (no cache only): replaces the causal mask,
+        e.g. for several continuations packed after one shared context."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
@@ -122,7 +126,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         if self.kv_cache is None or input_pos is None:
-            y = self._attend_causal(q, k, v)
+            y = self._attend_causal(q, k, v, attn_mask)
         elif self.kv_cache.static:
             k_all, v_all = self.kv_cache.update(input_pos, k, v)
             y = self._attend_static(q, k_all, v_all, input_pos)
@@ -130,7 +134,7 @@ class Attention(nn.Module):
             if filled is None:
                 raise ValueError("a dynamic KV cache needs `filled` (the number of valid positions)")
             k_all, v_all = self.kv_cache.update(input_pos, k, v)
-            y = self._attend_prefix(q, k_all[:, :, :filled], v_all[:, :, :filled], input_pos)
+            y = self._attend_prefix(q, k_all[:, :, :filled], v_all[:, :, :filled], input_pos, left_pad)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, nh*hd)
 
     def _expand_kv(self, t: torch.Tensor) -> torch.Tensor:
@@ -141,20 +145,28 @@ class Attention(nn.Module):
         B, nkv, S, hd = t.shape
         return t[:, :, None].expand(B, nkv, rep, S, hd).reshape(B, nkv * rep, S, hd)
 
-    def _attend_causal(self, q, k, v) -> torch.Tensor:
+    def _attend_causal(self, q, k, v, attn_mask=None) -> torch.Tensor:
         k, v = self._expand_kv(k.to(q.dtype)), self._expand_kv(v.to(q.dtype))
+        if attn_mask is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, nh, T, hd)
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1)  # (B, nh, T, hd)
 
-    def _attend_prefix(self, q, k, v, input_pos) -> torch.Tensor:
+    def _attend_prefix(self, q, k, v, input_pos, left_pad=None) -> torch.Tensor:
         B, nh, T, hd = q.shape
+        slots = torch.arange(k.shape[2], device=q.device)  # (S,)
         if T == 1:
-            # Decode step: every cached position is visible, so no mask; the `rep` query heads
-            # sharing a k/v head become `rep` query rows of one matmul (no k/v copy).
+            # Decode step: every cached position is visible (but a row's left padding), so no causal
+            # mask; the `rep` query heads sharing a k/v head become `rep` query rows of one matmul.
+            mask = None if left_pad is None else (slots[None, :] >= left_pad[:, None])[:, None, None, :]  # (B, 1, 1, S)
             qg = q.reshape(B, self.n_kv_heads, nh // self.n_kv_heads, hd)  # (B, nkv, rep, hd)
-            y = F.scaled_dot_product_attention(qg, k.to(q.dtype), v.to(q.dtype))  # (B, nkv, rep, hd)
+            y = F.scaled_dot_product_attention(qg, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)  # (B, nkv, rep, hd)
             return y.reshape(B, nh, 1, hd)
         # Query at position p sees cache positions <= p.
-        mask = input_pos[:, None] >= torch.arange(k.shape[2], device=q.device)[None, :]  # (T, S)
+        mask = input_pos[:, None] >= slots[None, :]  # (T, S)
+        if left_pad is not None:
+            # ... and not the row's left padding; a padding query sees only itself (no empty softmax).
+            real = (slots[None, None, :] >= left_pad[:, None, None]) | (input_pos[None, :, None] == slots[None, None, :])
+            mask = (mask[None] & real)[:, None]  # (B, 1, T, S)
         k, v = self._expand_kv(k.to(q.dtype)), self._expand_kv(v.to(q.dtype))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, T, hd)
 
@@ -200,8 +212,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                input_pos: Optional[torch.Tensor] = None, filled: Optional[int] = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, input_pos, filled)
+                input_pos: Optional[torch.Tensor] = None, filled: Optional[int] = None,
+                left_pad: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, input_pos, filled, left_pad, attn_mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -233,6 +246,12 @@ class Transformer(nn.Module):
             layer.attn.kv_cache = KVCache(batch, cfg.n_kv_heads, max_len, cfg.head_dim, dtype, static=static).to(device)
         self.cache_len, self.static_cache = max_len, static
 
+    def keep_cache_rows_(self, rows: torch.Tensor) -> None:
+        """Keep only the given batch rows (B',) of the KV cache (drop finished sequences)."""
+        for layer in self.layers:
+            c = layer.attn.kv_cache
+            c.k, c.v = c.k.index_select(0, rows), c.v.index_select(0, rows)  # (B', nkv, max_len, hd)
+
     def clear_cache(self) -> None:
         for layer in self.layers:
             layer.attn.kv_cache = None
@@ -243,11 +262,14 @@ class Transformer(nn.Module):
         return rope_tables(self.config, positions)
 
     def forward(self, idx: torch.Tensor, input_pos: Optional[torch.Tensor] = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, left_pad: Optional[torch.Tensor] = None) -> torch.Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab) in fp32 (or (B, 1, vocab) with ``last_only``).
 
         Without ``input_pos`` the sequence is processed causally from position 0 and no cache
         is used. With ``input_pos`` (T,) the tokens are written to the KV cache at those positions.
+        ``left_pad`` (B,) (dynamic cache only): row b's first ``left_pad[b]`` cache slots are padding
+        (prompts of different lengths in one batch); its tokens take positions ``input_pos - left_pad[b]``
+        and attend to no padding slot.
         """
         B, T = idx.shape
         filled = None
@@ -259,10 +281,16 @@ class Transformer(nn.Module):
             positions = input_pos
             if not self.static_cache:  # a dynamic cache attends over the filled prefix only
                 filled = int(input_pos[-1]) + 1
+        if left_pad is not None:
+            if input_pos is None or self.static_cache:
+                raise RuntimeError("left_pad needs input_pos and a dynamic KV cache")
+            positions = input_pos[None, :] - left_pad[:, None]  # (B, T)
         cos, sin = self.rope(positions)
+        if left_pad is not None:
+            cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd): broadcast over heads
         x = self.embed(idx)  # (B, T, D)
         for layer in self.layers:
-            x = layer(x, cos, sin, input_pos, filled)
+            x = layer(x, cos, sin, input_pos, filled, left_pad)
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]

@@ -38,6 +38,11 @@ ROWS = [
     ("sparsegpt-owl-80", dict(method="sparsegpt", sparsity=0.8, owl=True)),
     ("improved-80", dict(IMPROVED, sparsity=0.8)),
     ("improved-50", dict(IMPROVED, sparsity=0.5)),
+    # + per-projection sparsity searched per layer by layer-output error (same layer totals)
+    ("improved-alloc-80", dict(IMPROVED, sparsity=0.8, alloc_step=0.05)),
+    # + joint reconstruction of each pruned layer (Adam steps on its kept weights towards the dense outputs)
+    ("improved-recon-80", dict(IMPROVED, sparsity=0.8, recon_steps=10)),
+    ("improved-alloc-recon-80", dict(IMPROVED, sparsity=0.8, alloc_step=0.05, recon_steps=10)),
     ("sparsegpt-dt-refit-50", dict(method="sparsegpt", sparsity=0.5, refit_iters=20, dense_target=True)),
     ("sparsegpt-2:4", dict(method="sparsegpt", nm="2:4")),
     ("wanda-2:4", dict(method="wanda", nm="2:4")),
@@ -51,6 +56,8 @@ ROWS = [
     ("magnitude-70", dict(method="magnitude", sparsity=0.7)),
     ("improved-60", dict(IMPROVED, sparsity=0.6)),
     ("improved-70", dict(IMPROVED, sparsity=0.7)),
+    ("improved-alloc-70", dict(IMPROVED, sparsity=0.7, alloc_step=0.05)),
+    ("improved-alloc-50", dict(IMPROVED, sparsity=0.5, alloc_step=0.05)),
     ("sparsegpt-layerseq-50", dict(method="sparsegpt", sparsity=0.5, sequential="layer")),
     ("wanda-layerseq-80", dict(method="wanda", sparsity=0.8, sequential="layer")),
     ("wanda-layerseq-50", dict(method="wanda", sparsity=0.5, sequential="layer")),

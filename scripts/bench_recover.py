@@ -26,17 +26,18 @@ from pathlib import Path
 import torch
 
 from ipu_sparse.checkpoint import save_dense_checkpoint
+from ipu_sparse.eval.chat import chat_answers
 from ipu_sparse.eval.perplexity import wikitext2_ids, windows_ppl
 from ipu_sparse.eval.report import (CHAT_QUESTIONS, load_results, reuse_dense_evaluations, save_results,
                                     write_recovery_report)
+from ipu_sparse.eval.unseen import fiction_ppl
 from ipu_sparse.eval.zeroshot import TASKS, evaluate_tasks
-from ipu_sparse.generate import generate
 from ipu_sparse.loading import load_model
 from ipu_sparse.prune import PruneConfig, prune_
-from ipu_sparse.recover.commands import add_training_arguments, config_from_args
-from ipu_sparse.recover.data import SelfDistillConfig, build_windows
+from ipu_sparse.recover.commands import add_training_arguments, config_from_args, training_windows
 from ipu_sparse.recover.masks import masks_of_loaded
 from ipu_sparse.recover.run_io import STATE_FILE
+from ipu_sparse.recover.teacher_cache import prepare_teacher_cache
 from ipu_sparse.recover.train import Recovery
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
@@ -77,6 +78,7 @@ class Bench:
         self.args, self.res_path, self.results = args, res_path, results
         self.teacher, self.tok = teacher, tok
         self.wt_ids = wikitext2_ids(tok)
+        self.teacher_cache = None  # a TeacherCache of the training windows with --teacher-cache
 
     def wt_ppl(self, model, n):
         return windows_ppl(model, self.wt_ids, 512, n, 4, source="wikitext-2 test", progress=False).ppl
@@ -93,6 +95,9 @@ class Bench:
             row[f"wt2_ppl_{args.windows}w"] = self.wt_ppl(model, args.windows)
             log(f"{name}: WikiText-2 ppl (L=512, {args.windows} windows) {row[f'wt2_ppl_{args.windows}w']:.2f} "
                 f"({time.time() - t0:.0f} s)")
+        if args.unseen_passages and row.get("unseen_passages") != args.unseen_passages:
+            row["unseen_ppl"] = fiction_ppl(model, self.tok, args.unseen_passages).ppl  # text never trained on
+            row["unseen_passages"] = args.unseen_passages
         if args.full and not quick and "wt2_ppl_full" not in row:
             row["wt2_ppl_full"] = self.wt_ppl(model, None)
         if args.zeroshot_limit and row.get("zeroshot_limit") != args.zeroshot_limit:
@@ -102,12 +107,8 @@ class Bench:
         return row
 
     def chat(self, model) -> list:
-        out = []
-        for q in CHAT_QUESTIONS:
-            ids = self.tok.encode(self.tok.apply_chat_template([{"role": "user", "content": q}]))
-            ans = generate(model, ids, 60, stop_ids=self.tok.stop_ids)
-            out.append({"question": q, "answer": self.tok.decode(ans).strip()})
-        return out
+        answers = chat_answers(model, self.tok, CHAT_QUESTIONS, 60)
+        return [{"question": q, "answer": a} for q, a in zip(CHAT_QUESTIONS, answers)]
 
     def recover(self, name, run_dir: Path, cfg, windows, source, masks, student_model) -> None:
         """One recovery run (resumed if ``run_dir`` holds one) and its row, with its snapshots' rows."""
@@ -118,12 +119,12 @@ class Bench:
 
         run = Recovery(self.teacher, student_model, self.tok, windows, cfg, run_dir, masks=masks,
                        resume=(run_dir / STATE_FILE).is_file(), progress=not args.no_progress, student_source=name,
-                       extra_eval=extra_eval)
+                       extra_eval=extra_eval, teacher_cache=self.teacher_cache)
         summary = run.run()
         row = self.results["rows"].setdefault(name, {})
         if row.get("tokens") != summary["tokens"] or row.get("block_tokens") != summary["block_tokens"]:
             for k in list(row):
-                if k.startswith("wt2") or k in ("zeroshot", "chat"):
+                if k.startswith("wt2") or k in ("zeroshot", "chat", "unseen_ppl", "unseen_passages"):
                     row.pop(k)
         row.update({"tokens": summary["tokens"], "block_tokens": summary["block_tokens"],
                     "train_minutes": round(summary["elapsed_s"] / 60, 2), "finished": summary["finished"],
@@ -131,6 +132,7 @@ class Bench:
                     "recover_config": {k: v for k, v in vars(cfg).items()},
                     "curve": [{"tokens": h["tokens"], "block_tokens": h.get("block_tokens", 0),
                                "wt2_ppl_curve": h.get("x_wt2_ppl"), "heldout_ppl": h["heldout_ppl"],
+                               "unseen_ppl": h.get("unseen_ppl"),
                                "label": h["eval"]} for h in run.state.history if "eval" in h]})
         self.evaluate(run.student, name)
         if "chat" not in row:
@@ -197,11 +199,15 @@ def run_all(args, tag: str, res_path: Path, results: dict) -> None:
     oneshot = args.student_label or f"one-shot {args.prune_method} {args.sparsity:.0%}"
     bench.evaluate(load_model(str(pruned_dir), device=args.device).model, oneshot)
 
-    sd = SelfDistillConfig(n_tokens=args.selfdistill_tokens, max_new_tokens=args.selfdistill_max_new, seed=args.seed)
-    windows = build_windows(tok, args.seq_len, args.batch_size, args.heldout_windows, texts=args.text,
-                            teacher=bench.teacher, cache_dir=args.data_cache or work / "data", selfdistill=sd,
-                            progress=not args.no_progress, mix_selfdistill=args.mix_selfdistill)
+    args.data_cache = args.data_cache or str(work / "data")
+    cfg0 = config_from_args(args)
+    windows = training_windows(args, cfg0, tok, bench.teacher)
+    if args.teacher_cache:  # the teacher's top-k outputs on the training windows, computed once for every run
+        bench.teacher_cache = prepare_teacher_cache(args.teacher_cache, bench.teacher, windows, cfg0.teacher_topk,
+                                                    cfg0.temperature, bf16=cfg0.bf16, hidden=cfg0.hidden_weight > 0,
+                                                    batch_size=cfg0.batch_size, progress=not args.no_progress, log=log)
     source = ("user text: " + windows.source if args.text
+              else windows.source if args.text_mix or args.kd_answers_only
               else f"data-free (teacher-written, {windows.n_tokens:,} tokens)")
     log(f"training text: {source}")
 

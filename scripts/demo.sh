@@ -28,6 +28,8 @@ echo "(one-shot pruning without recovery costs a 135M model facts like this one;
 step "4. WikiText-2 perplexity, dense vs sparse (L=512, first 4 windows: a quick check)"
 $CLI eval --model smollm2-135m --wikitext2 --max-windows 4
 $CLI eval --model "$CKPT" --wikitext2 --max-windows 4
+echo "does it still chat? short factual questions the dense model answers right (greedy, chat template):"
+$CLI eval --model "$CKPT" --chat-probe --reference smollm2-135m
 
 step "5. Luminous Base (13B, assumed shape) on an IPU-POD16: 80% sparse fits, dense does not"
 $CLI plan --model luminous-base-13b --ipus 16 --sparsity 0.8 --sparse-head --kv-len 512

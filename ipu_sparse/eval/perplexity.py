@@ -37,13 +37,21 @@ class PerplexityResult:
         return asdict(self)
 
 
-def hidden_states(model, idx: torch.Tensor) -> torch.Tensor:
-    """Final-norm hidden states (B, T, D) of a causal pass from position 0."""
+def hidden_states(model, idx: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                  attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Final-norm hidden states (B, T, D) of a causal pass from position 0 (no KV cache).
+
+    ``positions`` (B, T) and ``attn_mask`` (B, 1, T, T) bool (True = may attend) replace the
+    positions 0..T-1 and the causal mask, e.g. for several sequences packed into one row."""
     T = idx.shape[1]
-    cos, sin = model.rope(torch.arange(T, device=idx.device))
+    if positions is None:
+        cos, sin = model.rope(torch.arange(T, device=idx.device))  # (T, hd)
+    else:
+        cos, sin = model.rope(positions)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, hd): broadcast over heads
     x = model.embed(idx)  # (B, T, D)
     for layer in model.layers:
-        x = layer(x, cos, sin)
+        x = layer(x, cos, sin, attn_mask=attn_mask) if attn_mask is not None else layer(x, cos, sin)
     return model.norm(x)
 
 

@@ -102,7 +102,8 @@ def export_tensors(model, dtype: Optional[str] = None) -> Tuple[Dict[str, torch.
         dt = value_dtype(dtype)
     else:
         stored = [m.values.dtype for m in projections.values() if isinstance(m, SparseLinear)]
-        dt = stored[0] if stored else torch.bfloat16
+        # int8 values (per-row scales) have no sparse-bitmask form: stored dequantized, bf16
+        dt = stored[0] if stored and stored[0] != torch.int8 else torch.bfloat16
     tensors: Dict[str, torch.Tensor] = {}
     nnz = total = 0
     for fqn, mod in projections.items():

@@ -40,8 +40,11 @@ def prune_(model, config: PruneConfig, calib: Union[None, str, torch.Tensor] = N
         outlier = layer_outlier_ratios(model, sub, config.owl_m, progress=progress)
         layer_sparsity = owl_sparsities(outlier, config.sparsity, config.owl_lambda)
 
-    prune_layers_(model, config, exact_counts(linears, layer_sparsity, config.sparsity), tokens, progress=progress)
-    return _summary(config, tokens, layer_sparsity, outlier, time.time() - t0, sparsity_report(model))
+    offsets = prune_layers_(model, config, exact_counts(linears, layer_sparsity, config.sparsity), tokens,
+                            progress=progress)
+    summary = _summary(config, tokens, layer_sparsity, outlier, time.time() - t0, sparsity_report(model))
+    summary["alloc_offsets"] = offsets
+    return summary
 
 
 def exact_counts(linears, layer_sparsity: List[float], sparsity: float) -> Dict[str, int]:
@@ -66,5 +69,8 @@ def _summary(config: PruneConfig, tokens: Optional[torch.Tensor], layer_sparsity
         "nsamples": n, "seq_len": None if tokens is None else int(tokens.shape[1]),
         "seed": config.seed, "sequential": config.sequential, "blocksize": config.blocksize,
         "percdamp": config.percdamp, "refit_iters": config.refit_iters, "dense_target": config.dense_target,
+        "alloc_step": config.alloc_step, "alloc_nsamples": config.alloc_nsamples if config.alloc_step else None,
+        "recon_steps": config.recon_steps, "recon_lr": config.recon_lr if config.recon_steps else None,
+        "recon_batch": config.recon_batch if config.recon_steps else None,
         "time_s": seconds, "report": report,
     }

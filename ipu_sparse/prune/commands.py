@@ -40,9 +40,21 @@ def register(sub) -> None:
     p.add_argument("--percdamp", type=float, default=0.01, help="SparseGPT damping, fraction of mean diag(H) (default 0.01)")
     p.add_argument("--refit-iters", type=int, default=0, help="masked least-squares refit steps after masking (default 0 = off)")
     p.add_argument("--dense-target", action="store_true", help="SparseGPT: fit each layer to the dense model's outputs")
+    p.add_argument("--alloc-step", type=float, default=0.0,
+                   help="per-projection sparsity within each layer: search offsets of +-STEP (attention vs MLP, q/k vs "
+                        "v/o, gate/up vs down; same layer total) by layer-output error (default 0 = off; e.g. 0.05)")
+    p.add_argument("--alloc-nsamples", type=int, default=8,
+                   help="windows the allocation candidates are pruned on (and as many more they are scored on; default 8)")
+    p.add_argument("--recon-steps", type=int, default=0,
+                   help="joint reconstruction: Adam steps on the kept weights of each pruned layer towards the dense "
+                        "layer's outputs, masks held (default 0 = off)")
+    p.add_argument("--recon-lr", type=float, default=2e-4, help="learning rate of those steps (default 2e-4)")
+    p.add_argument("--recon-batch", type=int, default=4, help="calibration windows per step (default 4)")
     p.add_argument("--format", default="dense", choices=("dense",) + FORMAT_NAMES,
                    help="checkpoint format: dense (default, exact zeros) or a sparse format of ipu_sparse.sparse")
-    p.add_argument("--sparse-dtype", default=None, help="value dtype of a sparse --format (default: that format's default)")
+    p.add_argument("--sparse-dtype", default=None,
+                   help="value dtype of a sparse --format: fp32, bf16, fp16, int8 (bitmap only; default: that "
+                        "format's default)")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_prune)
@@ -61,7 +73,9 @@ def cmd_prune(args) -> int:
                          owl_lambda=args.owl_lambda, owl_m=args.owl_m, owl_nsamples=args.owl_nsamples,
                          nsamples=args.nsamples, seq_len=args.seq_len, seed=args.seed, sequential=args.sequential,
                          batch_size=args.batch_size, blocksize=args.blocksize, percdamp=args.percdamp,
-                         refit_iters=args.refit_iters, dense_target=args.dense_target)
+                         refit_iters=args.refit_iters, dense_target=args.dense_target,
+                         alloc_step=args.alloc_step, alloc_nsamples=args.alloc_nsamples,
+                         recon_steps=args.recon_steps, recon_lr=args.recon_lr, recon_batch=args.recon_batch)
     if args.calib is not None and not Path(args.calib).is_file():
         raise UserError(f"{args.calib}: calibration file not found")
     if args.sparse_dtype is not None:
@@ -69,7 +83,9 @@ def cmd_prune(args) -> int:
 
         if args.format == "dense":
             raise UserError(f"--sparse-dtype {args.sparse_dtype}: only for a sparse --format, not dense")
-        value_dtype(args.sparse_dtype)
+        value_dtype(args.sparse_dtype, int8=True)
+        if args.sparse_dtype == "int8" and args.format != "bitmap":
+            raise UserError(f"--sparse-dtype int8: only the bitmap format stores int8 values, not {args.format}")
     out = check_output_path(args.out, args.overwrite)
     from ..loading import save_checkpoint
     from .api import prune_

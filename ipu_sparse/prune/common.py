@@ -166,6 +166,7 @@ class InputStats:
         self.sq = torch.zeros(columns, dtype=torch.float64, device=device)
         self.H = torch.zeros(columns, columns, dtype=torch.float32, device=device) if hessian else None
         self.G = torch.zeros(columns, columns, dtype=torch.float32, device=device) if cross else None
+        self.cache: Optional[Dict[float, tuple]] = None  # a dict: solvers may keep factors of H in it (reused stats)
 
     def add(self, inp: torch.Tensor, dense_inp: Optional[torch.Tensor] = None, chunk: int = 16384) -> None:
         x = inp.reshape(-1, inp.shape[-1]).float()  # (tokens, columns)
@@ -183,7 +184,7 @@ class InputStats:
         self.tokens += x.shape[0]
 
     def free(self) -> None:
-        self.H = self.G = None
+        self.H = self.G = self.cache = None
 
 
 # ----- reporting -------------------------------------------------------------------------

@@ -36,6 +36,13 @@ class PruneConfig:
     chunk (None = all at once).  ``blocksize``/``percdamp``: SparseGPT's column block and damping.
     ``refit_iters``: masked least-squares refit steps of the kept weights (0 = off);
     ``dense_target``: fit each layer to the dense model's outputs (SparseGPT).
+    ``alloc_step`` > 0: per-projection-type sparsity within each block, chosen by a coordinate search over
+    ratio offsets of +-``alloc_step`` (attention vs MLP, q/k vs v/o, gate/up vs down; each block keeps its
+    exact weight budget) that keeps the candidate with the least block-output error, the candidates pruned
+    on ``alloc_nsamples`` windows and scored on the next ``alloc_nsamples`` (see ``driver.search_allocation``).
+    ``recon_steps`` > 0: joint reconstruction of each pruned layer: that many Adam steps (``recon_lr``,
+    ``recon_batch`` windows each) on the kept weights of all its Linears together, masks held, towards the
+    dense layer's outputs; kept only if the layer's output error on the whole batch went down.
 
     After construction ``sparsity`` is the resolved float and ``prune_n, prune_m`` the pattern
     (0, 0 when unstructured). Frozen: a built config stays valid (``dataclasses.replace`` re-validates)."""
@@ -56,6 +63,11 @@ class PruneConfig:
     percdamp: float = 0.01
     refit_iters: int = 0
     dense_target: bool = False
+    alloc_step: float = 0.0
+    alloc_nsamples: int = 8
+    recon_steps: int = 0
+    recon_lr: float = 2e-4
+    recon_batch: int = 4
     prune_n: int = field(default=0, init=False)
     prune_m: int = field(default=0, init=False)
 
@@ -91,6 +103,15 @@ class PruneConfig:
         if not _number("percdamp", self.percdamp) >= 0:
             raise UserError(f"percdamp {self.percdamp} must be >= 0")
         _at_least("refit_iters", self.refit_iters, 0)
+        if not 0.0 <= _number("alloc_step", self.alloc_step) <= 0.5:
+            raise UserError(f"alloc_step={self.alloc_step}: expected a sparsity offset in [0, 0.5] (0 = off)")
+        _at_least("alloc_nsamples", self.alloc_nsamples, 1)
+        if self.alloc_step and self.prune_m:
+            raise UserError("the per-projection sparsity search applies to unstructured sparsity, not to an N:M pattern")
+        _at_least("recon_steps", self.recon_steps, 0)
+        if not 0.0 < _number("recon_lr", self.recon_lr) < 1.0:
+            raise UserError(f"recon_lr={self.recon_lr}: expected a learning rate in (0, 1)")
+        _at_least("recon_batch", self.recon_batch, 1)
         if self.dense_target and self.method != "sparsegpt":
             raise UserError("the dense-target correction is implemented for sparsegpt only")
         if self.dense_target and self.sequential != "group":
@@ -104,7 +125,8 @@ class PruneConfig:
     @property
     def needs_calibration(self) -> bool:
         """Whether any calibration data is used (magnitude without OWL or refit: none)."""
-        return self.solver.needs_stats or self.owl or self.refit_iters > 0
+        return (self.solver.needs_stats or self.owl or self.refit_iters > 0 or self.alloc_step > 0
+                or self.recon_steps > 0)
 
 
 def _number(name: str, value) -> float:

@@ -125,13 +125,18 @@ class SparseGPT(PruneSolver):
                     prune_m: int = 0, blocksize: int = 128, percdamp: float = 0.01, refit_iters: int = 0,
                     dense_target: bool = False) -> List[torch.Tensor]:
         stats = solvers[0].stats
-        Hd, dead = damped(stats.H, percdamp)
+        factors = stats.cache.get(percdamp) if stats.cache is not None else None
+        if factors is None:  # statistics shared by several solves (``stats.cache`` a dict) factor H once
+            Hd, dead = damped(stats.H, percdamp)
+            factors = (Hd, dead, inverse_cholesky_upper(Hd).float())
+            if stats.cache is not None:
+                stats.cache[percdamp] = factors
+        Hd, dead, Hinv = factors
         W0 = torch.cat([s.layer.weight.detach().double() for s in solvers], 0)  # (sum rows, cols)
         if dense_target and stats.G is not None:
             # argmin_W ||X_p W^T - X_d W0^T||: W0 G^T (H + lambda I)^-1, G = X_p^T X_d
             W0 = torch.linalg.solve(Hd, stats.G.double() @ W0.t()).t()
         W0[:, dead] = 0.0
-        Hinv = inverse_cholesky_upper(Hd).float()
         segments, r = [], 0
         for s, c in zip(solvers, counts):
             segments.append((r, r + s.rows, int(c)))

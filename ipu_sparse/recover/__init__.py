@@ -4,7 +4,8 @@
 CLI: ``ipu-sparse recover``. See ``train.py`` for the run, ``step.py`` for one distillation step,
 ``schedule.py`` for the learning rate, its horizon and the time budget, ``state.py`` and ``run_io.py``
 for the training state and the run directory, ``blockwise.py`` for block-wise reconstruction,
-``data.py`` for training text (incl. the data-free self-distillation source).
+``data.py`` for training text (incl. the data-free self-distillation source), ``distributed.py`` for
+runs on several processes (torchrun: DistributedDataParallel / FullyShardedDataParallel).
 """
 from __future__ import annotations
 

@@ -76,7 +76,24 @@ def add_training_arguments(p) -> None:
                    help="tokens of teacher-written text for the data-free source")
     g.add_argument("--selfdistill-max-new", type=int, default=256, help="tokens per generated sample")
     g.add_argument("--data-cache", default=default_data_cache(), help="cache directory of the data-free source")
+    g.add_argument("--text-mix", nargs="+", default=None, metavar="SRC=F",
+                   help="mix sources by fraction of the training windows (fractions sum to 1): text files or "
+                        "directories, teacher (the data-free text), teacher-chat, teacher-plain; the first source "
+                        "is used whole and gives the held-out windows, e.g. wiki.valid.tokens=0.6 teacher-chat=0.4")
+    g.add_argument("--kd-answers-only", action="store_true",
+                   help="in teacher-written chat samples, distil only the answer tokens (not the prompt/template)")
     g.add_argument("--heldout-windows", type=int, default=8, help="windows held out for periodic evaluation")
+    g.add_argument("--unseen-passages", type=int, default=None,
+                   help="at every evaluation also the perplexity on this many fiction passages (LAMBADA), a kind "
+                        "of text never trained on (0 = off; default 64 when the LAMBADA file is in the data "
+                        "directory, else off)")
+    g = p.add_argument_group("teacher-output cache")
+    g.add_argument("--teacher-cache", default=None, metavar="DIR",
+                   help="compute the teacher's top-k logits (and block outputs with --hidden-weight) on the training "
+                        "windows once, keep them memory-mapped under DIR and train from them (no teacher forward)")
+    g.add_argument("--teacher-topk", type=int, default=None, metavar="K",
+                   help="KD on the teacher's top-K tokens + one tail bucket (default with --teacher-cache: 64; "
+                        "without it the live teacher's logits are cut the same way)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--seq-len", type=int, default=512)
     g.add_argument("--batch-size", type=int, default=4)
@@ -109,9 +126,24 @@ def add_training_arguments(p) -> None:
     g.add_argument("--snapshot-minutes", type=_minutes, default=(), metavar="M1,M2",
                    help="also keep the student as it was after M1, M2, ... minutes of training "
                         "(saved beside --out as OUT.snapshot-<M>min)")
-    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (under torchrun: cpu or cuda)")
+    g.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard weights, gradients and optimizer state (FullyShardedDataParallel) "
+                        "instead of replicating the student (DistributedDataParallel)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g.add_argument("--no-progress", action="store_true")
+
+
+def unseen_passages(requested) -> int:
+    """Fiction passages evaluated at every recovery evaluation: as asked, or by default 64 when the
+    LAMBADA file is in the data directory (a run without the data still runs, without that number)."""
+    if requested is not None:
+        if requested < 0:
+            raise UserError(f"--unseen-passages must be >= 0, got {requested}")
+        return requested
+    from ..eval.data import data_root
+    from ..eval.zeroshot import TASK_FILES
+    return 64 if (data_root() / TASK_FILES["lambada"]).is_file() else 0
 
 
 def config_from_args(args, **overrides):
@@ -129,8 +161,42 @@ def config_from_args(args, **overrides):
         block_lr=args.block_lr, gradual=tuple(args.gradual), target_sparsity=args.sparsity,
         prune_method=args.prune_method, train_embeddings=args.train_embeddings, bf16=args.bf16, seed=args.seed,
         heldout_windows=args.heldout_windows, eval_every=args.eval_every, save_every_minutes=args.save_every_minutes,
-        snapshot_minutes=tuple(args.snapshot_minutes), **budget)
+        snapshot_minutes=tuple(args.snapshot_minutes), teacher_topk=teacher_topk(args),
+        kd_answers_only=bool(getattr(args, "kd_answers_only", False)),
+        unseen_passages=unseen_passages(getattr(args, "unseen_passages", 0)), **budget)
     return dataclasses.replace(cfg, **overrides)
+
+
+def teacher_topk(args) -> int:
+    """K of top-k KD: ``--teacher-topk``, 64 with a ``--teacher-cache`` and none given, else 0 (full logits)."""
+    k = getattr(args, "teacher_topk", None)
+    if k is None:
+        return 64 if getattr(args, "teacher_cache", None) else 0
+    if k < 1:
+        raise UserError(f"--teacher-topk must be >= 1, got {k}")
+    return k
+
+
+def training_windows(args, cfg, tokenizer, teacher):
+    """The training/held-out windows the options ask for: ``--text-mix``, ``--text`` (optionally with
+    ``--mix-selfdistill``) or the data-free source (split into chat/plain with ``--kd-answers-only``)."""
+    from .data import SelfDistillConfig, build_windows
+    from .mix import build_mixed_windows, parse_text_mix
+
+    sd = SelfDistillConfig(n_tokens=args.selfdistill_tokens, max_new_tokens=args.selfdistill_max_new, seed=args.seed)
+    progress = not args.no_progress
+    mix = getattr(args, "text_mix", None)
+    if mix and (args.text or args.mix_selfdistill):
+        raise UserError("--text-mix names every source itself; do not combine it with --text/--mix-selfdistill")
+    if not mix and cfg.kd_answers_only and not args.text:
+        mix = ["teacher=1"]  # the data-free source, with its chat samples' prompts marked
+    if mix:
+        return build_mixed_windows(tokenizer, cfg.seq_len, cfg.batch_size, cfg.heldout_windows, parse_text_mix(mix),
+                                   teacher=teacher, cache_dir=args.data_cache, selfdistill=sd, progress=progress,
+                                   answers_only=cfg.kd_answers_only, seed=cfg.seed)
+    return build_windows(tokenizer, cfg.seq_len, cfg.batch_size, cfg.heldout_windows, texts=args.text,
+                         teacher=teacher, cache_dir=args.data_cache, selfdistill=sd,
+                         progress=progress, mix_selfdistill=args.mix_selfdistill)
 
 
 def student_format(loaded) -> str:
@@ -151,8 +217,8 @@ def cmd_recover(args) -> int:
 
     from ..loading import load_model
     from ..sparse.linear import densify_
-    from .data import SelfDistillConfig, build_windows
     from .masks import check_teacher_student, mask_sparsity, masks_of_loaded
+    from .distributed import from_environment, shutdown
     from .run_io import check_out
     from .train import Recovery
 
@@ -163,6 +229,12 @@ def cmd_recover(args) -> int:
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available on this machine")
+    # under torchrun: join its process group (this process's device: cuda:LOCAL_RANK); else None
+    dist, device = from_environment(device, getattr(args, "fsdp", False))
+    main = dist is None or dist.is_main
+    say = (lambda msg: print(msg, file=sys.stderr)) if main else (lambda msg: None)
+    if dist is not None:
+        say(f"distributed: {dist.describe()}")
     check_out(Path(args.out), args.resume, args.overwrite)  # before any work: resume/replace/new
     if not args.resume:
         check_output_path(args.out, overwrite=True)  # writable, a usable name
@@ -176,16 +248,24 @@ def cmd_recover(args) -> int:
     masks = None
     if not cfg.gradual:
         masks = masks_of_loaded(student_l)
-        print(f"student mask: {mask_sparsity(masks):.4f} sparse over the decoder Linears", file=sys.stderr)
+        say(f"student mask: {mask_sparsity(masks):.4f} sparse over the decoder Linears")
     tokenizer = teacher_l.tokenizer or student_l.tokenizer
     if tokenizer is None:
         raise UserError(f"{args.teacher}: no tokenizer found")
-    sd = SelfDistillConfig(n_tokens=args.selfdistill_tokens, max_new_tokens=args.selfdistill_max_new, seed=args.seed)
-    windows = build_windows(tokenizer, cfg.seq_len, cfg.batch_size, cfg.heldout_windows, texts=args.text,
-                            teacher=teacher_l.model, cache_dir=args.data_cache, selfdistill=sd,
-                            progress=not args.no_progress, mix_selfdistill=args.mix_selfdistill)
-    print(f"training text: {windows.source}: {windows.train.shape[0]} windows of {cfg.seq_len} "
-          f"(+{windows.heldout.shape[0]} held out)", file=sys.stderr)
+    if not main:  # process 0 writes the shared caches (data-free text, teacher outputs) first
+        dist.barrier()
+    windows = training_windows(args, cfg, tokenizer, teacher_l.model)
+    say(f"training text: {windows.source}: {windows.train.shape[0]} windows of {cfg.seq_len} "
+        f"(+{windows.heldout.shape[0]} held out)")
+    cache = None
+    if args.teacher_cache:
+        from .teacher_cache import prepare_teacher_cache
+
+        cache = prepare_teacher_cache(args.teacher_cache, teacher_l.model, windows, cfg.teacher_topk, cfg.temperature,
+                                      bf16=cfg.bf16, hidden=cfg.hidden_weight > 0, batch_size=cfg.batch_size,
+                                      progress=not args.no_progress and main, log=say)
+    if dist is not None and main:
+        dist.barrier()
     extra = {"recovered_from": str(args.student), "teacher": str(args.teacher)}
     prev = dict(student_l.meta or {})
     for key in ("pruning", "prune", "method", "sparsity"):
@@ -193,7 +273,10 @@ def cmd_recover(args) -> int:
             extra[f"student_{key}"] = prev[key]
     run = Recovery(teacher_l.model, student_l.model, tokenizer, windows, cfg, args.out, masks=masks,
                    resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
-                   student_source=str(args.student), extra_meta=extra, save_format=save_format)
+                   student_source=str(args.student), extra_meta=extra, save_format=save_format, teacher_cache=cache,
+                   dist=dist)
     summary = run.run()
-    print(json.dumps(summary, indent=1))
+    if main:
+        print(json.dumps(summary, indent=1))
+    shutdown()
     return 130 if summary.get("stop_reason") == "interrupted" else 0

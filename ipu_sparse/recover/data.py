@@ -8,9 +8,10 @@ uninterrupted one would have seen.
 
 Data-free source (self-distillation data): the teacher samples continuations of a fixed
 set of diverse prompts (chat requests and plain-text openings), several samples per
-prompt in one batch (identical prompt lengths, so no padding is needed). Samples are
-appended to a cache directory as they are made; a later request for more tokens with the
-same settings extends the cache instead of starting over.
+prompt, several prompts (left-padded) in one batch, in a fixed order of fixed groups so the
+text is a function of the settings only. Samples are appended to a cache directory as they
+are made; a later request for more tokens with the same settings extends the cache instead
+of starting over.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from ..errors import UserError
-from ..generate import SamplingConfig, generate_batch
+from ..generate import SamplingConfig, encode_chat, generate_many
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".tokens", ".raw", ".rst", ".jsonl", ".json", ".py", ".html", ".csv")
 # Evaluation data: training on it would make every published number meaningless.
@@ -33,12 +34,15 @@ EVAL_NAMES = ("wiki.test", "lambada", "hellaswag", "piqa", "arc_easy", "arc_chal
 
 @dataclass
 class TokenWindows:
-    """``train`` (N, L) and ``heldout`` (M, L) token windows, plus where they came from."""
+    """``train`` (N, L) and ``heldout`` (M, L) token windows, plus where they came from. ``loss_mask``
+    (N, L) bool, if set: the positions of each training window whose next-token distribution the KD
+    loss counts (e.g. only those predicting the answer tokens of chat samples); None = all."""
 
     train: torch.Tensor
     heldout: torch.Tensor
     source: str
     n_tokens: int
+    loss_mask: Optional[torch.Tensor] = None
 
     @property
     def seq_len(self) -> int:
@@ -46,6 +50,10 @@ class TokenWindows:
 
     def batch(self, micro_step: int, batch_size: int, seed: int) -> torch.Tensor:
         """The (batch_size, L) windows of one micro-step: epoch-wise permutations seeded by (seed, epoch)."""
+        return self.train[self.batch_rows(micro_step, batch_size, seed)]
+
+    def batch_rows(self, micro_step: int, batch_size: int, seed: int) -> List[int]:
+        """The training-window indices of ``batch(micro_step, batch_size, seed)``."""
         n = self.train.shape[0]
         rows = []
         perm_epoch, perm = -1, None
@@ -55,7 +63,7 @@ class TokenWindows:
                 g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
                 perm, perm_epoch = torch.randperm(n, generator=g), epoch
             rows.append(int(perm[pos]))
-        return self.train[rows]
+        return rows
 
 
 def _check_not_eval(path: Path) -> None:
@@ -175,13 +183,16 @@ TEXT_PROMPTS = (
 class SelfDistillConfig:
     n_tokens: int = 100_000
     max_new_tokens: int = 256
-    samples_per_prompt: int = 8  # one batch: same prompt, different samples
+    samples_per_prompt: int = 8
+    prompts_per_batch: int = 4  # one batch: this many prompts x samples_per_prompt rows
+    dtype: str = "bfloat16"  # the teacher's weights while writing (a copy; the teacher itself is untouched)
     temperature: float = 1.0
     top_p: float = 0.95
     seed: int = 0
 
     def key(self, teacher_fingerprint: str) -> str:
-        d = {k: getattr(self, k) for k in ("max_new_tokens", "samples_per_prompt", "temperature", "top_p", "seed")}
+        d = {k: getattr(self, k) for k in ("max_new_tokens", "samples_per_prompt", "prompts_per_batch", "dtype",
+                                           "temperature", "top_p", "seed")}
         d["teacher"] = teacher_fingerprint
         d["prompts"] = list(CHAT_PROMPTS) + list(TEXT_PROMPTS)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
@@ -210,14 +221,13 @@ def prompt_ids_list(tokenizer) -> List[List[int]]:
     """Token ids of every prompt: chat requests through the chat template, then plain openings."""
     out = []
     for text in CHAT_PROMPTS:
-        chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        out.append(tokenizer.encode(chat))
+        out.append(encode_chat(tokenizer, [{"role": "user", "content": text}]))
     for text in TEXT_PROMPTS:
         out.append(tokenizer.encode(text, add_bos=getattr(tokenizer, "bos_id", None) is not None))
     return out
 
 
-def _read_cache(path: Path) -> Tuple[List[dict], bool]:
+def read_cache_records(path: Path) -> Tuple[List[dict], bool]:
     """Records of the cache file, and whether it ends in a torn line (an interrupted write)."""
     records, torn = [], False
     if path.is_file():
@@ -237,9 +247,17 @@ def self_distill_ids(teacher, tokenizer, cache_dir, cfg: Optional[SelfDistillCon
                      progress: bool = False) -> Tuple[List[int], Path]:
     """At least ``cfg.n_tokens`` tokens of teacher-written text (documents joined by EOS), cached.
 
-    Returns the token stream and the cache file. Sample (prompt p, round r) uses its own
-    generator seeded from (seed, p, r), so the stream is identical however often it is extended."""
+    Returns the token stream and the cache file. Record i is (prompt p, round r) of the usable
+    prompts taken in turn; its samples use their own generator seeded from (seed, p, r), and
+    records are written in fixed groups of ``cfg.prompts_per_batch`` (records k*g .. k*g+g-1 form
+    one batch), so the stream is the same however often it is extended."""
     cfg = cfg or SelfDistillConfig()
+    if cfg.samples_per_prompt < 1 or cfg.prompts_per_batch < 1:
+        raise UserError(f"samples_per_prompt and prompts_per_batch must be >= 1, got {cfg.samples_per_prompt} "
+                        f"and {cfg.prompts_per_batch}")
+    gen_dtype = getattr(torch, cfg.dtype, None)
+    if not isinstance(gen_dtype, torch.dtype):
+        raise UserError(f"self-distillation dtype {cfg.dtype!r} is not a torch dtype (e.g. bfloat16, float32)")
     prompts = prompt_ids_list(tokenizer)
     limit = teacher.config.max_seq_len
     usable = [i for i, p in enumerate(prompts) if len(p) + 8 <= limit]  # room for at least 8 new tokens
@@ -255,8 +273,13 @@ def self_distill_ids(teacher, tokenizer, cache_dir, cfg: Optional[SelfDistillCon
         tmp.write_text(json.dumps({"settings": cfg.__dict__, "teacher_fingerprint": key,
                                    "prompts": list(CHAT_PROMPTS) + list(TEXT_PROMPTS)}, indent=1))
         os.replace(tmp, meta)
-    records, torn = _read_cache(cache)
-    if torn:  # rewrite the file without its torn tail, so appends start on a clean line
+    records, torn = read_cache_records(cache)
+    whole = len(records) // cfg.prompts_per_batch * cfg.prompts_per_batch
+    if torn or whole < len(records):
+        # Rewrite the file without its torn tail (appends start on a clean line) and without an
+        # unfinished batch: a batch is regenerated whole, so its samples do not depend on where
+        # an earlier run stopped.
+        records = records[:whole]
         tmp = cache.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
         os.replace(tmp, cache)
@@ -275,25 +298,30 @@ def self_distill_ids(teacher, tokenizer, cache_dir, cfg: Optional[SelfDistillCon
 
         bar = tqdm(total=cfg.n_tokens, initial=min(have, cfg.n_tokens), desc="self-distillation text", unit="tok",
                    dynamic_ncols=True)
+    writer = None
     was_training = teacher.training
     teacher.eval()
     try:
         with open(cache, "a", encoding="utf-8") as fh:
             while have < cfg.n_tokens:
-                i = len(records)
-                p, r = usable[i % len(usable)], i // len(usable)
-                g = torch.Generator().manual_seed((cfg.seed * 1_000_003 + p) * 1_000_003 + r)
-                max_new = min(cfg.max_new_tokens, limit - len(prompts[p]))
-                samples = generate_batch(teacher, prompts[p], cfg.samples_per_prompt, max_new, sampling, stop_ids,
-                                         generator=g)
-                rec = {"p": p, "r": r, "samples": samples}
-                fh.write(json.dumps(rec) + "\n")
+                if writer is None:
+                    writer = _writer_copy(teacher, gen_dtype)
+                first = len(records)
+                group = range(first, (first // cfg.prompts_per_batch + 1) * cfg.prompts_per_batch)
+                pr = [(usable[i % len(usable)], i // len(usable)) for i in group]
+                gens = [torch.Generator().manual_seed((cfg.seed * 1_000_003 + p) * 1_000_003 + r) for p, r in pr]
+                max_new = [min(cfg.max_new_tokens, limit - len(prompts[p])) for p, _ in pr]
+                out = generate_many(writer, [prompts[p] for p, _ in pr], max_new, sampling, stop_ids,
+                                    samples_per_prompt=cfg.samples_per_prompt, generators=gens)
+                for (p, r), samples in zip(pr, out):
+                    rec = {"p": p, "r": r, "samples": samples}
+                    fh.write(json.dumps(rec) + "\n")
+                    records.append(rec)
+                    added = stream_len([rec])
+                    have += added
+                    if bar is not None:
+                        bar.update(added)
                 fh.flush()
-                records.append(rec)
-                added = stream_len([rec])
-                have += added
-                if bar is not None:
-                    bar.update(added)
     finally:
         teacher.train(was_training)
         if bar is not None:
@@ -308,6 +336,15 @@ def self_distill_ids(teacher, tokenizer, cache_dir, cfg: Optional[SelfDistillCon
     if generated or not (cache_dir / "samples.txt").exists():
         _write_readable(cache_dir / "samples.txt", records, prompts, tokenizer)
     return ids, cache
+
+
+def _writer_copy(teacher, dtype: torch.dtype):
+    """The (eval-mode) teacher with ``dtype`` weights for writing text: itself, or a converted copy."""
+    import copy
+
+    if teacher.embed.weight.dtype == dtype:
+        return teacher
+    return copy.deepcopy(teacher).to(dtype)
 
 
 def _write_readable(path: Path, records, prompts, tokenizer) -> None:

@@ -173,8 +173,8 @@ def _restore_rng(rng: Dict[str, Any], path: Path) -> None:
 
 def _identity_diffs(saved: Dict[str, Any], now: Dict[str, Any]) -> list:
     diffs = []
-    for key in ("teacher", "student", "data"):
-        if saved.get(key) != now[key]:
+    for key in sorted((set(saved) | set(now)) - {"config"}):  # teacher, student, data (and how it was trained)
+        if saved.get(key) != now.get(key):
             diffs.append(f"{key} differs")
     sc, nc = saved.get("config", {}), now["config"]
     for k in sorted(set(sc) | set(nc)):

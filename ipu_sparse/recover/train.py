@@ -13,7 +13,8 @@ The run directory ``out`` is at every save a loadable checkpoint plus the traini
 (``state.py``, ``run_io.py``: optimizer, schedule position, data position, RNG state, history);
 it is replaced atomically. The batch of micro-step k is a pure function of (seed, k) and nothing
 else is random, so ``resume`` continues bit-for-bit where the run stopped. Ctrl-C (SIGINT)
-finishes the current step, saves and stops; a second Ctrl-C aborts.
+finishes the current step, saves and stops; a second Ctrl-C aborts. Started by torchrun, a run spans
+several processes with the same global batches (``distributed.py``; ``dist``).
 """
 from __future__ import annotations
 
@@ -72,14 +73,20 @@ class RecoverConfig:
     bf16: bool = False
     seed: int = 0
     heldout_windows: int = 8
+    teacher_topk: int = 0              # > 0: KD on the teacher's top-k + tail bucket (what --teacher-cache stores)
+    kd_answers_only: bool = False      # KD only where the windows' loss_mask says (answers of chat samples)
     # runtime: may differ between a run and its resume
     max_minutes: Optional[float] = None
     stop_after: Optional[int] = None   # pause after this many end-to-end steps in total (saves; resumable)
     eval_every: int = 50
     save_every_minutes: float = 10.0
     snapshot_minutes: Tuple[float, ...] = ()  # also keep the student as it was at these training minutes
+    unseen_passages: int = 0           # > 0: perplexity on this many fiction passages at every evaluation
 
-    RUNTIME_FIELDS = ("max_minutes", "stop_after", "eval_every", "save_every_minutes", "snapshot_minutes")
+    RUNTIME_FIELDS = ("max_minutes", "stop_after", "eval_every", "save_every_minutes", "snapshot_minutes",
+                      "unseen_passages")
+    # fields added later: left out of the identity at their default, so older runs still resume
+    LATER_FIELDS = {"teacher_topk": 0, "kd_answers_only": False}
 
     def validate(self) -> None:
         def positive(name, allow_zero=False):
@@ -94,7 +101,7 @@ class RecoverConfig:
                   "heldout_windows"):
             positive(n)
         for n in ("warmup_steps", "weight_decay", "grad_clip", "kd_weight", "hidden_weight", "ce_weight",
-                  "block_epochs", "stop_after", "min_lr_ratio"):
+                  "block_epochs", "stop_after", "min_lr_ratio", "teacher_topk", "unseen_passages"):
             positive(n, allow_zero=True)
         if self.kd_weight == 0 and self.hidden_weight == 0 and self.ce_weight == 0:
             raise UserError("all loss weights are zero")
@@ -113,6 +120,9 @@ class RecoverConfig:
         d = dataclasses.asdict(self)
         for k in self.RUNTIME_FIELDS:
             d.pop(k)
+        for k, default in self.LATER_FIELDS.items():
+            if d[k] == default:
+                d.pop(k)
         d["gradual"] = list(d["gradual"])
         return d
 
@@ -164,7 +174,8 @@ class Recovery:
                  masks: Optional[Masks] = None, resume: bool = False, overwrite: bool = False,
                  progress: bool = True, student_source: str = "student", extra_meta: Optional[dict] = None,
                  reprune: Callable = default_reprune, log: Callable[[str], None] = None,
-                 extra_eval: Optional[Callable[[Any], Dict[str, float]]] = None, save_format: str = "dense"):
+                 extra_eval: Optional[Callable[[Any], Dict[str, float]]] = None, save_format: str = "dense",
+                 teacher_cache=None, dist=None):
         cfg.validate()
         if windows.seq_len != cfg.seq_len:
             raise UserError(f"windows have {windows.seq_len} tokens, config says seq_len {cfg.seq_len}")
@@ -177,6 +188,12 @@ class Recovery:
         # evaluation time is not charged to --max-minutes
         self.extra_eval = extra_eval
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
+        # dist: the process group of a run on several processes (distributed.py); None: one process
+        self.dist = dist
+        if dist is not None:
+            dist.check_config(cfg, resume)
+            if not dist.is_main:  # process 0 alone logs, shows progress, evaluates and saves
+                self.progress, self.log = False, (lambda msg: None)
         self.device = next(student.parameters()).device
         self.student_source = student_source
         # checkpoint kind of the run directory and snapshots: the student's own (a sparse student is
@@ -185,13 +202,26 @@ class Recovery:
         if masks is None and not cfg.gradual:
             raise UserError(f"{student_source}: no sparsity mask given and no gradual pruning requested")
         self.masks = masks
+        # teacher_cache: a TeacherCache of windows.train (teacher_cache.py); the KD step then reads the
+        # teacher's top-k outputs (and block outputs) from it instead of running the teacher
+        self.teacher_cache = teacher_cache
+        self._check_targets(teacher_cache)
+        self._unseen = None
+        if cfg.unseen_passages:
+            from ..eval.unseen import fiction_passages
+
+            self._unseen = fiction_passages(tokenizer, cfg.unseen_passages, teacher.config.max_seq_len)
         self.identity = {
             "config": cfg.identity(),
             "teacher": model_fingerprint(teacher),
             "student": model_fingerprint(student),
             "data": windows_fingerprint(windows),
         }
+        if dist is not None and dist.fsdp:  # its optimizer state stays sharded, unsaved: never resumed
+            self.identity["fsdp_without_optimizer_state"] = True
         check_out(self.out, resume, overwrite)
+        if dist is not None:  # every process has checked the run directory before process 0 writes it
+            dist.barrier()
         self.state = TrainState()
         if resume:
             self.state, saved_masks = load_run(self.out, self.identity, self.student)
@@ -201,6 +231,22 @@ class Recovery:
         self._last_save = time.time()
         self.stop_flag = _StopFlag()
         self.stop_reason: Optional[str] = None
+
+    def _check_targets(self, cache) -> None:
+        cfg = self.cfg
+        if cfg.kd_answers_only and self.windows.loss_mask is None:
+            raise UserError("--kd-answers-only: the training windows mark no answer tokens (teacher-written chat "
+                            "text is needed: --text-mix ... teacher-chat=F, or the data-free default)")
+        if cache is None:
+            return
+        settings = cache.meta.get("settings", {})
+        want = {"topk": cfg.teacher_topk, "temperature": float(cfg.temperature), "bf16": cfg.bf16,
+                "hidden": cfg.hidden_weight > 0}
+        diffs = [f"{k} {settings.get(k)!r} (run: {v!r})" for k, v in want.items() if settings.get(k) != v]
+        if cache.n_windows != self.windows.train.shape[0]:
+            diffs.append(f"{cache.n_windows} windows (run: {self.windows.train.shape[0]})")
+        if diffs:
+            raise UserError(f"{cache.directory}: teacher-output cache made with other settings: " + ", ".join(diffs))
 
     def elapsed(self) -> float:
         """Training seconds so far (all sessions), evaluation excluded."""
@@ -212,6 +258,8 @@ class Recovery:
 
     # ----- saving ----------------------------------------------------------------------
     def save(self, final: bool = False) -> None:
+        if self.dist is not None and not self.dist.is_main:
+            return
         st = self.state
         st.elapsed_s = self.elapsed()
         meta = dict(self.extra_meta)
@@ -239,6 +287,8 @@ class Recovery:
     def _maybe_snapshot(self) -> None:
         """Save the student once training time passes each of ``snapshot_minutes`` (a dense checkpoint
         with its mask, beside the run directory; the run's state records which were taken)."""
+        if self.dist is not None and not self.dist.is_main:
+            return
         st = self.state
         for m in self.cfg.snapshot_minutes:
             if str(m) in st.snapshots or self.elapsed() < m * 60:
@@ -254,10 +304,13 @@ class Recovery:
 
     # ----- stopping ----------------------------------------------------------------------
     def _should_stop(self) -> bool:
-        if self.stop_flag.requested:
+        interrupted, exhausted = self.stop_flag.requested, self.budget.exhausted()
+        if self.dist is not None:  # the same decision on every process
+            interrupted, exhausted = self.dist.agree_stop(interrupted, exhausted)
+        if interrupted:
             self.stop_reason = "interrupted"
             return True
-        if self.budget.exhausted():
+        if exhausted:
             self.stop_reason = "time budget reached"
             return True
         return False
@@ -283,27 +336,46 @@ class Recovery:
             n += x.shape[0]
         return {"heldout_ppl": ppl_from_nll(nll / n), "heldout_kl": kl / n}
 
+    @torch.no_grad()
+    def _unseen_eval(self, model) -> Dict[str, float]:
+        """Perplexity on text of a kind the run never trains on (``eval/unseen.py``), if asked for."""
+        if not self._unseen:
+            return {}
+        from ..eval.unseen import fiction_ppl
+
+        amp = torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16)
+        with amp:
+            r = fiction_ppl(model, self.tokenizer, passages=self._unseen, batch_size=self.cfg.batch_size)
+        return {"unseen_ppl": r.ppl}
+
     def _eval_record(self, label: str) -> None:
+        if self.dist is not None and not self.dist.is_main:
+            return
         t0 = time.time()
         st = self.state
         self.student.eval()
         rec = {"eval": label, "step": st.global_step, "tokens": st.tokens, "block_tokens": st.block_tokens,
                "phase": st.phase, "elapsed_s": round(self.elapsed(), 1)}
         rec.update(self.evaluate(self.student))
+        rec.update(self._unseen_eval(self.student))
         if self.extra_eval is not None:
             rec.update(self.extra_eval(self.student))
             self.student.eval()
         st.history.append(rec)
         self.log(f"[eval] {label}: step {rec['step']} tokens {rec['tokens']:,} held-out ppl {rec['heldout_ppl']:.3f} "
-                 f"KL {rec['heldout_kl']:.4f}" + "".join(f" {k} {v:.3f}" for k, v in rec.items()
+                 f"KL {rec['heldout_kl']:.4f}"
+                 + (f" unseen-text ppl {rec['unseen_ppl']:.3f}" if "unseen_ppl" in rec else "") + "".join(f" {k} {v:.3f}" for k, v in rec.items()
                                                      if k.startswith("x_") and isinstance(v, float)))
         self.budget.exclude(time.time() - t0)
 
     def _eval_teacher(self) -> None:
+        if self.dist is not None and not self.dist.is_main:
+            return
         t0 = time.time()
         t = self.evaluate(self.teacher)
         rec = {"eval": "teacher", "step": 0, "tokens": 0, "block_tokens": 0, "phase": 0,
                "heldout_ppl": t["heldout_ppl"], "heldout_kl": 0.0, "elapsed_s": 0.0}
+        rec.update(self._unseen_eval(self.teacher))
         if self.extra_eval is not None:
             rec.update(self.extra_eval(self.teacher))
         self.state.history.append(rec)
@@ -319,7 +391,10 @@ class Recovery:
         if st.finished:
             self.log(f"{self.out}: run already finished")
             return self.summary()
-        if self.budget.exhausted():
+        exhausted = self.budget.exhausted()
+        if self.dist is not None:
+            exhausted = self.dist.agree_stop(False, exhausted)[1]
+        if exhausted:
             self.log(f"{self.out}: time budget of {cfg.max_minutes:g} min already spent (raise --max-minutes to go on)")
             self.stop_reason = "time budget reached"
             return self.summary()
@@ -345,6 +420,8 @@ class Recovery:
             self.log(f"stopped: {self.stop_reason} (resume with --resume)")
             self._eval_record(f"stop ({self.stop_reason})")
         self.save(final=True)
+        if self.dist is not None:  # the run directory is complete when any process returns
+            self.dist.barrier()
         return self.summary()
 
     def _prune_stage(self, sparsity: Optional[float]) -> None:
@@ -353,6 +430,9 @@ class Recovery:
             calib = self._block_ids()
             self.masks = self.reprune(self.student, sparsity, self.cfg.prune_method, calib, self.masks)
             self.log(f"phase {st.phase}: pruned to {mask_sparsity(self.masks):.4f} ({self.cfg.prune_method})")
+        if self.dist is not None:  # process 0's mask and weights everywhere
+            self.masks = self.dist.broadcast_masks(self.masks)
+            self.dist.broadcast_module_(self.student)
         apply_masks_(self.student, self.masks)
         st.stage = "block" if self.cfg.block_epochs > 0 else "kd"
         self._eval_record(f"phase {st.phase} start")
@@ -381,6 +461,8 @@ class Recovery:
         if nxt < len(self.student.layers):
             st.block = nxt
             return False
+        if self.dist is not None:  # every process reconstructed the same blocks; keep them bit-identical
+            self.dist.broadcast_module_(self.student)
         st.stage, st.block = "kd", 0
         self._eval_record(f"phase {st.phase} after block reconstruction")
         return True
@@ -404,13 +486,19 @@ class Recovery:
         """End-to-end distillation of phase ``ph`` up to its horizon; False if it stopped before."""
         cfg, st = self.cfg, self.state
         params = set_trainable_(self.student, cfg.train_embeddings)
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        parallel = self.dist.wrap(self.student) if self.dist is not None else None
+        sharded = parallel is not None and parallel.sharded
+        opt = torch.optim.AdamW(params if parallel is None else parallel.optimizer_params(params), lr=cfg.lr,
+                                weight_decay=cfg.weight_decay)
         if st.optimizer is not None:
             opt.load_state_dict(st.optimizer)
         masks = masks_to(self.masks, self.device)
         horizon = PhaseHorizon(st, ph, n_phases, self._fixed_horizon(ph, n_phases), self.budget,
                                self.tokens_per_step, self.log)
-        captures = (HiddenCapture(self.teacher), HiddenCapture(self.student)) if cfg.hidden_weight > 0 else None
+        cached = self.teacher_cache is not None
+        captures = None
+        if cfg.hidden_weight > 0:  # the teacher's block outputs come from the cache when it has them
+            captures = (None if cached else HiddenCapture(self.teacher), HiddenCapture(self.student))
         bar = self._progress_bar(horizon.steps, st.phase_step, f"distillation phase {ph}")
         self.student.train()
         try:
@@ -422,15 +510,23 @@ class Recovery:
                     return False
                 t0 = time.time()
                 lr = lr_at(st.phase_step, cfg.lr, cfg.warmup_steps, horizon.steps, cfg.min_lr_ratio)
-                batches = [self.windows.batch(st.micro_step + i, cfg.batch_size, cfg.seed).to(self.device)
-                           for i in range(cfg.grad_accum)]
-                parts = kd_step(self.student, self.teacher, opt, params, batches, lr, masks, cfg, captures)
+                rows = [self.windows.batch_rows(st.micro_step + i, cfg.batch_size, cfg.seed) for i in range(cfg.grad_accum)]
+                if self.dist is not None:  # this process's slice of the same global batch
+                    rows = self.dist.local_rows(rows, cfg.batch_size)
+                batches = [self.windows.train[r].to(self.device) for r in rows]
+                targets = [self.teacher_cache.targets(r, self.device) for r in rows] if cached else None
+                loss_masks = ([self.windows.loss_mask[r].to(self.device) for r in rows]
+                              if cfg.kd_answers_only else None)
+                parts = kd_step(self.student, self.teacher, opt, params, batches, lr, masks, cfg, captures,
+                                teacher_targets=targets, loss_masks=loss_masks, parallel=parallel)
                 st.micro_step += cfg.grad_accum
                 st.phase_step += 1
                 st.global_step += 1
                 st.tokens += self.tokens_per_step
-                st.optimizer = opt.state_dict()
+                st.optimizer = None if sharded else opt.state_dict()
                 dt = time.time() - t0
+                if self.dist is not None:  # loss over the global batch; process 0's clock
+                    parts, dt = self.dist.step_report(parts, dt)
                 rec = {"step": st.global_step, "phase": ph, "tokens": st.tokens, "lr": lr,
                        "elapsed_s": round(self.elapsed(), 2), "step_s": round(dt, 3)}
                 rec.update({k: round(v, 6) for k, v in parts.items()})
@@ -442,15 +538,21 @@ class Recovery:
                     bar.set_postfix(loss=f"{parts['loss']:.4f}", tok_s=f"{self.tokens_per_step / max(dt, 1e-9):.0f}",
                                     lr=f"{lr:.2e}")
                 if cfg.eval_every and st.global_step % cfg.eval_every == 0:
+                    if sharded:
+                        parallel.gather_()
                     self._eval_record(f"step {st.global_step}")
                     self.student.train()
-                self._maybe_save()
+                if not sharded:  # a sharded run saves when its stage ends
+                    self._maybe_save()
             return True
         finally:
+            if parallel is not None:  # (a sharded student's weights are gathered unless this is an error)
+                parallel.close(gather=sys.exc_info()[0] is None)
             if bar is not None:
                 bar.close()
             for cap in captures or ():
-                cap.remove()
+                if cap is not None:
+                    cap.remove()
             self.student.eval()
             for p in params:
                 p.requires_grad_(False)
@@ -468,5 +570,6 @@ class Recovery:
             "teacher_heldout_ppl": teacher["heldout_ppl"] if teacher else None,
             "start_heldout_ppl": first["heldout_ppl"] if first else None,
             "final_heldout_ppl": evals[-1]["heldout_ppl"] if evals else None,
+            "final_unseen_ppl": evals[-1].get("unseen_ppl") if evals else None,
             "source": self.windows.source,
         }

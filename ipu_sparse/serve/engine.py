@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ..errors import UserError
-from ..generate import SamplingConfig, TextStreamer
+from ..generate import SamplingConfig, TextStreamer, encode_chat
 
 
 class Busy(Exception):
@@ -84,18 +84,14 @@ class StopMatcher:
 
 def model_figures(model, context: int = 512) -> Dict[str, Any]:
     """Bytes of weights and FLOPs per token of ``model`` as it runs (``sparse.accounting``)."""
-    from ..sparse.accounting import account, rows_from_model
+    from ..sparse.accounting import account, head_storage, rows_from_model
 
     rows = rows_from_model(model)
     sparse = any(getattr(m, "is_sparse_linear", False) for _, m in model.linear_layers(include_head=True))
-    head = getattr(model, "lm_head", None)
-    head_dtype = None
-    if head is not None and type(head).__name__ == "LowPrecisionLinear":
-        from ..sparse.formats import DTYPE_NAMES
-
-        head_dtype = DTYPE_NAMES[head.weight.dtype]
+    head_dtype, group = head_storage(model)  # a 16-bit or int8 head counts its own bytes
     tied = bool(model.config.tie_embeddings or model.head_untied)  # the source stored one matrix
-    res = account(model.config, rows, context=context, head_dtype=head_dtype, tied_in_source=tied)
+    res = account(model.config, rows, context=context, head_dtype=head_dtype, tied_in_source=tied,
+                  head_group_size=group)
     w = res["whole_model"]
     return {
         "sparse": sparse,
@@ -173,7 +169,7 @@ class Engine:
 
     # ----- generation --------------------------------------------------------------------------
     def encode_chat(self, messages: List[Dict[str, str]]) -> List[int]:
-        return self.tokenizer.encode(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
+        return encode_chat(self.tokenizer, messages)
 
     def encode(self, text: str) -> List[int]:
         return self.tokenizer.encode(text)

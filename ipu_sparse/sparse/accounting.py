@@ -10,15 +10,17 @@ Counted per token: 2 FLOPs per multiply-add of every projection (2 rows cols den
 (QK^T and AV: 4 n_heads head_dim context per layer). Not counted (each well under 1%):
 norms, rotary embeddings, softmax, SwiGLU/GELU, residual adds. Bytes: the embedding, the
 LM head (unless tied), norms and biases are dense fp16 in both columns; sparse layers are
-``format_nbytes`` of their format with fp32 biases (as ``SparseLinear`` stores them).
+``format_nbytes`` of their format with fp32 biases (as ``SparseLinear`` stores them; int8 values
+include their fp32 per-row scales). A dense head in another dtype counts that dtype (int8: one
+byte a weight + an fp32 scale per row or per group, ``q8_nbytes``).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..config import ModelConfig
-from .formats import DTYPE_NAMES, format_nbytes
+from .formats import DTYPE_NAMES, format_nbytes, q8_nbytes
 
 # The seed's published whole-model figures (CSR at 80% sparsity), shown next to ours.
 SEED_MEMORY_RATIO = 0.44
@@ -32,7 +34,7 @@ class LayerRow:
     cols: int
     nnz: int
     format: str  # "dense" or a sparse format name
-    value_dtype: str  # "fp32", "bf16", "fp16"
+    value_dtype: str  # "fp32", "bf16", "fp16", "int8" (+ per-row scales)
     bias: bool = False
 
     @property
@@ -90,14 +92,33 @@ def rows_from_model(model, fmt: str = "bitmap", value_dtype: str = "fp16", inclu
     return out
 
 
+def head_storage(model) -> Tuple[Optional[str], int]:
+    """(dtype name, group size) of a dense LM head stored in its own dtype (``LowPrecisionLinear``,
+    ``QuantizedLinear``), else (None, 0): the ``head_dtype`` / ``head_group_size`` of ``account``."""
+    head = getattr(model, "lm_head", None)
+    if getattr(head, "qweight", None) is not None:
+        return "int8", int(head.group_size)
+    if type(head).__name__ == "LowPrecisionLinear":
+        return DTYPE_NAMES[head.weight.dtype], 0
+    return None, 0
+
+
 def rows_from_meta(meta: Dict[str, Any]) -> List[LayerRow]:
     return [LayerRow(n, v["shape"][0], v["shape"][1], v["nnz"], v["format"], v["dtype"], v["bias"])
             for n, v in meta["layers"].items()]
 
 
+def head_nbytes(rows: int, cols: int, dtype: str, group_size: int = 0) -> int:
+    """Bytes of a dense LM head stored in ``dtype`` (int8: with its fp32 scales)."""
+    if dtype == "int8":
+        return q8_nbytes(rows, cols, group_size)
+    return format_nbytes("dense", rows, cols, 0, dtype)
+
+
 def account(cfg: ModelConfig, rows: List[LayerRow], context: int = 512, head_dtype: Optional[str] = None,
-            tied_in_source: Optional[bool] = None) -> Dict[str, Any]:
-    """Per-layer and whole-model bytes and FLOPs per token (see the module docstring)."""
+            tied_in_source: Optional[bool] = None, head_group_size: int = 0) -> Dict[str, Any]:
+    """Per-layer and whole-model bytes and FLOPs per token (see the module docstring).
+    ``head_group_size``: columns per scale of an int8 head (0: one scale a row)."""
     d, V = cfg.d_model, cfg.vocab_size
     norm_params = d if cfg.norm == "rmsnorm" else 2 * d
     names = {r.name for r in rows}
@@ -115,8 +136,10 @@ def account(cfg: ModelConfig, rows: List[LayerRow], context: int = 512, head_dty
     else:
         hdt = head_dtype or "fp16"
         head_dense16 = 0 if tied else 2 * V * d
-        head_bytes = 0 if (tied and head_dtype is None) else format_nbytes("dense", V, d, 0, hdt)
+        head_bytes = 0 if (tied and head_dtype is None) else head_nbytes(V, d, hdt, head_group_size)
         head_flops = 2 * V * d
+        if hdt == "int8":
+            hdt = f"int8 ({'groups of ' + str(head_group_size) if head_group_size else 'one scale a row'})"
         head_kind = ("tied to the embedding" if tied and head_dtype is None else f"dense {hdt}" +
                      (" (untied copy)" if tied else ""))
     norms_bytes = 2 * norm_params * (2 * cfg.n_layers + 1)
@@ -151,6 +174,35 @@ def account(cfg: ModelConfig, rows: List[LayerRow], context: int = 512, head_dty
         },
         "seed": {"memory_ratio": SEED_MEMORY_RATIO, "compute_ratio": SEED_COMPUTE_RATIO},
     }
+
+
+def decode_weight_bytes(model) -> Dict[str, int]:
+    """Weight bytes one batch-1 decode step streams, from the tensors the model holds as they are stored.
+
+    Every decoder projection and the LM head with all their tensors (values, mask, row pointers,
+    scales, biases; whatever class: dense ``nn.Linear`` in its dtype, ``SparseLinear``, a
+    low-precision or quantized head), the norms, and one embedding row (the whole embedding when
+    the head is tied to it: it is then the head). The KV cache and activations are not counted.
+    """
+    seen = set()
+
+    def tensor_bytes(module) -> int:
+        total = 0
+        for t in list(module.parameters()) + list(module.buffers()):
+            key = (t.data_ptr(), t.numel(), t.dtype)
+            if key in seen:
+                continue
+            seen.add(key)
+            total += t.numel() * t.element_size()
+        return total
+
+    head = tensor_bytes(model.lm_head)
+    projections = sum(tensor_bytes(m) for _, m in model.linear_layers(include_head=False))
+    norms = sum(tensor_bytes(m) for m in model.modules() if "norm" in type(m).__name__.lower())
+    emb = model.embed.weight
+    embed_row = 0 if (emb.data_ptr(), emb.numel(), emb.dtype) in seen else emb.shape[1] * emb.element_size()
+    return {"projections": projections, "lm_head": head, "norms": norms, "embedding_row": embed_row,
+            "total": projections + head + norms + embed_row}
 
 
 def _mb(n: float) -> str:

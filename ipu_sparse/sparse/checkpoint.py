@@ -5,11 +5,13 @@ Directory layout (written atomically with ``ipu_sparse.fileio.atomic_directory``
     ipu_sparse.json      {"format": "sparse", "version": 1, "config": {...}, "dtype": "bfloat16" (dense tensors),
                           "layers": {fqn: {"format", "shape", "nnz", "sparsity", "dtype", "bytes",
                                            "dense_fp16_bytes", "bias"}},
-                          "head": {"kind": "tied" | "dense" | "sparse" | "low_precision", ...},
+                          "head": {"kind": "tied" | "dense" | "sparse" | "low_precision" | "quantized", ...},
                           "totals": {...}, "files": {"model.safetensors": sha256}}
     model.safetensors    header metadata {"ipu_sparse": "sparse", "version": "1"}; dense tensors
                          under their state-dict names (in "dtype": 16-bit by default); a sparse layer ``fqn`` as ``fqn.mask`` /
-                         ``fqn.col_idx``, ``fqn.row_ptr``, ``fqn.values`` (+ ``fqn.bias`` fp32)
+                         ``fqn.col_idx``, ``fqn.row_ptr``, ``fqn.values`` (+ ``fqn.scales`` fp32 (rows,) for
+                         int8 values, ``fqn.bias`` fp32); an int8 head as ``lm_head.qweight`` int8 (V, D) +
+                         ``lm_head.scales`` fp32 (V, D / group_size) (head "group_size": 0 = one scale a row)
     tokenizer.json, tokenizer_config.json (when a tokenizer is given)
 
 Loading checks the metadata fields, the content hash, the safetensors magic, every
@@ -31,14 +33,15 @@ from ..errors import UserError
 from ..fileio import atomic_directory, sha256_file
 from ..model import Transformer, set_module
 from .accounting import account, rows_from_meta
-from .formats import DTYPE_NAMES, format_class, format_nbytes, from_dense, from_tensors, value_dtype
-from .linear import LowPrecisionLinear, SparseConfig, SparseLinear
+from .formats import DTYPE_NAMES, format_class, format_nbytes, from_dense, from_tensors, q8_group_count, value_dtype
+from .linear import LowPrecisionLinear, QuantizedLinear, SparseConfig, SparseLinear
 
 SPARSE_FORMAT = "sparse"
 SPARSE_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 ST_MAGIC = {"ipu_sparse": SPARSE_FORMAT, "version": str(SPARSE_VERSION)}
-HEAD_KINDS = ("tied", "dense", "sparse", "low_precision")
+HEAD_KINDS = ("tied", "dense", "sparse", "low_precision", "quantized")
+OWN_HEAD_KINDS = ("low_precision", "quantized")  # dense heads stored in their own dtype, never cast
 _RESERVED = {"format", "version", "config", "dtype", "layers", "head", "totals", "files"}
 
 
@@ -91,6 +94,15 @@ def export_tensors(model, config: SparseConfig) -> Tuple[Dict[str, torch.Tensor]
     if "lm_head" in layers:
         head = {"kind": "sparse", "source_tied": tied}
         cfg["tie_embeddings"] = False
+    elif isinstance(model.lm_head, QuantizedLinear) or (
+            config.head_dtype is not None and value_dtype(config.head_dtype, int8=True) == torch.int8):
+        head_mod = model.lm_head if isinstance(model.lm_head, QuantizedLinear) else \
+            QuantizedLinear.from_linear(model.lm_head, config.head_group_size)
+        tensors["lm_head.qweight"] = head_mod.qweight.detach().contiguous().cpu()
+        tensors["lm_head.scales"] = head_mod.scales.detach().contiguous().cpu()
+        head = {"kind": "quantized", "dtype": "int8", "group_size": head_mod.group_size, "source_tied": tied}
+        cfg["tie_embeddings"] = False
+        skip_prefixes.append("lm_head.")
     elif isinstance(model.lm_head, LowPrecisionLinear) or config.head_dtype is not None:
         dt = value_dtype(config.head_dtype) if config.head_dtype else model.lm_head.weight.dtype
         tensors["lm_head.weight"] = model.lm_head.weight.detach().to(dt).contiguous().cpu()
@@ -112,7 +124,7 @@ def _store_dense_as(tensors: Dict[str, torch.Tensor], layers: Dict[str, Any], he
                     dt: torch.dtype) -> None:
     """Cast the dense floating-point tensors (embedding, norms, dense layers) to ``dt`` in place;
     sparse layers' tensors and biases and a low-precision head keep their own dtypes."""
-    own = tuple(f"{fqn}." for fqn in layers) + (("lm_head.",) if head["kind"] == "low_precision" else ())
+    own = tuple(f"{fqn}." for fqn in layers) + (("lm_head.",) if head["kind"] in OWN_HEAD_KINDS else ())
     for name, t in tensors.items():
         if t.is_floating_point() and not name.startswith(own):
             tensors[name] = t.to(dt)
@@ -121,19 +133,22 @@ def _store_dense_as(tensors: Dict[str, torch.Tensor], layers: Dict[str, Any], he
 def save_sparse_checkpoint(model, tokenizer, out, format: str = "bitmap", dtype: str = "bf16",
                            include_head: bool = False, head_dtype: Optional[str] = None, min_sparsity: float = 0.0,
                            extra_meta: Optional[Dict[str, Any]] = None, overwrite: bool = False,
-                           dense_dtype: Optional[str] = None) -> Path:
+                           dense_dtype: Optional[str] = None, head_group_size: int = 0) -> Path:
     """Save ``model`` (pruned dense weights with exact zeros, or already sparsified) as a sparse checkpoint.
 
     ``format``/``dtype``: storage of the decoder projections (and of the LM head with
     ``include_head``, which unties it from the embedding). ``head_dtype``: keep the head dense
-    but store it in that dtype. ``dense_dtype``: storage of the dense tensors (embedding, norms);
+    but store it in that dtype ("int8": int8 with fp32 scales per row, or per ``head_group_size``
+    columns). ``dense_dtype``: storage of the dense tensors (embedding, norms);
     default ``dtype``, so a bf16/fp16 checkpoint is 16-bit throughout and its size on disk is
     what the accounting counts (``"fp32"`` keeps them exact). The model is not modified.
     """
     from safetensors.torch import save_file
 
     config = SparseConfig(format=format, dtype=dtype, include_head=include_head, min_sparsity=min_sparsity,
-                          head_dtype=head_dtype)
+                          head_dtype=head_dtype, head_group_size=head_group_size)
+    if dense_dtype is None and value_dtype(dtype, int8=True) == torch.int8:
+        dense_dtype = "bf16"  # int8 is for sparse values; the embedding and norms stay 16-bit
     dense_dt = value_dtype(dense_dtype if dense_dtype is not None else dtype)
     clash = sorted(_RESERVED & set(extra_meta or {}))
     if clash:
@@ -176,10 +191,14 @@ def _check_layer_meta(fqn: str, lm: Any, where: str) -> None:
     for key, typ in (("format", str), ("shape", list), ("nnz", int), ("dtype", str), ("bias", bool)):
         if not isinstance(lm.get(key), typ):
             raise UserError(f"{where}: layer {fqn}: field {key!r} missing or not a {typ.__name__}")
-    format_class(lm["format"], where=f"{where}: layer {fqn}")
+    cls = format_class(lm["format"], where=f"{where}: layer {fqn}")
     if len(lm["shape"]) != 2 or not all(isinstance(s, int) and s >= 0 for s in lm["shape"]):
         raise UserError(f"{where}: layer {fqn}: bad shape {lm['shape']!r}")
-    value_dtype(lm["dtype"])
+    try:
+        if value_dtype(lm["dtype"], int8=True) == torch.int8:
+            cls._check_int8()
+    except UserError as exc:
+        raise UserError(f"{where}: layer {fqn}: {exc}") from None
 
 
 def validate_meta(meta: Dict[str, Any], where: str) -> ModelConfig:
@@ -204,6 +223,15 @@ def validate_meta(meta: Dict[str, Any], where: str) -> ModelConfig:
         raise UserError(f"{where}: 'head' must be an object with kind in {HEAD_KINDS}")
     if head["kind"] == "low_precision":
         value_dtype(head.get("dtype", "?"))
+    if head["kind"] == "quantized":
+        gs = head.get("group_size")
+        if head.get("dtype") != "int8" or not isinstance(gs, int) or isinstance(gs, bool) or gs < 0:
+            raise UserError(f"{where}: quantized head must have dtype 'int8' and an integer group_size >= 0, "
+                            f"got {head.get('dtype')!r}, {gs!r}")
+        try:
+            q8_group_count(cfg.d_model, gs)
+        except UserError as exc:
+            raise UserError(f"{where}: head: {exc}") from None
     if head["kind"] == "sparse" and "lm_head" not in layers:
         raise UserError(f"{where}: head kind 'sparse' but no 'lm_head' layer entry")
     files = meta.get("files")
@@ -268,7 +296,7 @@ def load_sparse_model(path, meta: Optional[Dict[str, Any]] = None, dtype: torch.
     # Skeleton without random initialisation: every tensor is overwritten from the file below.
     # The sizes the metadata claims are checked against the file's tensors before anything is allocated.
     model = model_skeleton(cfg, reader.names, str(st))
-    head_skip = ("lm_head.",) if meta["head"]["kind"] == "low_precision" else ()
+    head_skip = ("lm_head.",) if meta["head"]["kind"] in OWN_HEAD_KINDS else ()
     claimed = {k: tuple(v.shape) for k, v in model.state_dict().items()
                if not k.startswith(tuple(f"{fqn}." for fqn in meta["layers"]) + head_skip)}
     if cfg.tie_embeddings:
@@ -287,9 +315,13 @@ def load_sparse_model(path, meta: Optional[Dict[str, Any]] = None, dtype: torch.
             raise UserError(f"{where}: layer {fqn} has shape {(rows, cols)}, the config expects "
                             f"{(mod.out_features, mod.in_features)}")
         cls = format_class(lm["format"])
-        stored = {k: reader.get(f"{fqn}.{k}") for k in cls.tensor_names}
+        want_dt = value_dtype(lm["dtype"], int8=True)
+        values = reader.get(f"{fqn}.values")  # its dtype decides the other tensors (int8: + scales)
+        if values.dtype != want_dt:
+            raise UserError(f"{st}: {fqn}.values has dtype {values.dtype}, metadata says {lm['dtype']}")
+        stored = {k: values if k == "values" else reader.get(f"{fqn}.{k}") for k in cls.tensor_names_for(want_dt)}
         matrix = from_tensors(lm["format"], (rows, cols), stored, where=f"{st}: {fqn}")
-        if matrix.dtype != value_dtype(lm["dtype"]):
+        if matrix.dtype != want_dt:
             raise UserError(f"{st}: {fqn}.values has dtype {matrix.dtype}, metadata says {lm['dtype']}")
         if matrix.nnz != lm["nnz"]:
             raise UserError(f"{st}: {fqn} has {matrix.nnz} non-zeros, metadata says {lm['nnz']}")
@@ -313,9 +345,19 @@ def load_sparse_model(path, meta: Optional[Dict[str, Any]] = None, dtype: torch.
                             f"{(cfg.vocab_size, cfg.d_model)}, got {w.dtype} {tuple(w.shape)}")
         check_finite(w, "lm_head.weight", str(st))
         model.lm_head = LowPrecisionLinear(w, None, w.dtype)
+    elif head["kind"] == "quantized":
+        q, s = reader.get("lm_head.qweight"), reader.get("lm_head.scales")
+        groups = q8_group_count(cfg.d_model, head["group_size"])
+        if tuple(q.shape) != (cfg.vocab_size, cfg.d_model) or q.dtype != torch.int8:
+            raise UserError(f"{st}: tensor lm_head.qweight must be int8 of shape {(cfg.vocab_size, cfg.d_model)}, "
+                            f"got {q.dtype} {tuple(q.shape)}")
+        if tuple(s.shape) != (cfg.vocab_size, groups):
+            raise UserError(f"{st}: tensor lm_head.scales must have shape {(cfg.vocab_size, groups)} "
+                            f"(group_size {head['group_size']}), got {tuple(s.shape)}")
+        model.lm_head = QuantizedLinear(q, s, where=f"{st}: lm_head")
 
     # Every remaining (dense) tensor: names and shapes must match the config exactly.
-    sparse_prefixes = tuple(f"{fqn}." for fqn in meta["layers"]) + (("lm_head.",) if head["kind"] == "low_precision" else ())
+    sparse_prefixes = tuple(f"{fqn}." for fqn in meta["layers"]) + (("lm_head.",) if head["kind"] in OWN_HEAD_KINDS else ())
     dense = {name: reader.get(name) for name in sorted(reader.names - reader.used)}
     load_state_dict_strict(model, dense, str(st), skip=sparse_prefixes)
     if cfg.tie_embeddings and isinstance(model.lm_head, nn.Linear):
@@ -328,8 +370,9 @@ def summarize(meta: Dict[str, Any], context: int = 512) -> Dict[str, Any]:
     cfg = ModelConfig.from_dict(meta["config"])
     head = meta["head"]
     return account(cfg, rows_from_meta(meta), context=context,
-                   head_dtype=head.get("dtype") if head["kind"] == "low_precision" else None,
-                   tied_in_source=bool(head.get("source_tied", cfg.tie_embeddings)))
+                   head_dtype=head.get("dtype") if head["kind"] in OWN_HEAD_KINDS else None,
+                   tied_in_source=bool(head.get("source_tied", cfg.tie_embeddings)),
+                   head_group_size=int(head.get("group_size", 0)))
 
 
 def disk_bytes(path) -> int:

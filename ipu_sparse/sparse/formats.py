@@ -17,8 +17,14 @@ A weight W (rows, cols) = (out_features, in_features) with exact zeros is stored
     element, so it beats 8-bit indices (one byte per *non-zero*) below 87.5% sparsity,
     and its kernel reads x contiguously (no gathers).
 
-v is the value size: 4 (fp32), 2 (bf16, fp16). Values are the non-zeros in row-major
-order in both formats, so converting between them only rebuilds the index.
+v is the value size: 4 (fp32), 2 (bf16, fp16), 1 (int8, bitmap only). Values are the non-zeros
+in row-major order in both formats, so converting between them only rebuilds the index.
+
+int8 values (bitmap only) add ``scales`` (rows,) fp32: W[r, c] = values[k] * scales[r],
+symmetric round-to-nearest from each row's absmax over the kept weights (q in [-127, 127],
+scale = absmax / 127; a row with no kept weight has scale 1). Bytes: + 4 rows. A kept weight
+below scale / 2 rounds to q = 0 and keeps its mask bit (the index never changes).
+``quantize_q8`` stores a dense matrix the same way in groups of columns (the int8 LM head).
 
 Each format class owns everything about its format: its byte count (``byte_parts`` /
 ``nbytes_for``, the only byte formulas), its conversion from dense and its CSR view
@@ -43,7 +49,11 @@ import torch
 from ..errors import UserError
 
 VALUE_DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_NAMES: Dict[torch.dtype, str] = {v: k for k, v in VALUE_DTYPES.items()}
+# Sparse values may also be int8 (with per-row scales); dense tensors are always floating point.
+SPARSE_VALUE_DTYPES: Dict[str, torch.dtype] = dict(VALUE_DTYPES, int8=torch.int8)
+SPARSE_DTYPE_CHOICES = tuple(SPARSE_VALUE_DTYPES)  # the choices of every sparse --dtype option
+DTYPE_NAMES: Dict[torch.dtype, str] = {v: k for k, v in SPARSE_VALUE_DTYPES.items()}
+Q8_MAX = 127
 DEFAULT_FORMAT = "bitmap"
 CSR16_MAX_COLS = 1 << 16
 MAX_NNZ = (1 << 31) - 1  # row_ptr is int32
@@ -53,23 +63,97 @@ class FormatError(UserError, ValueError):
     """Tensors that do not form a valid matrix of their format (index contents, dtypes or shapes)."""
 
 
-def value_dtype(spec: Union[str, torch.dtype]) -> torch.dtype:
-    """``"bf16"`` / ``torch.bfloat16`` / ``"bfloat16"`` -> torch dtype (fp32, bf16, fp16 only)."""
+def value_dtype(spec: Union[str, torch.dtype], int8: bool = False) -> torch.dtype:
+    """``"bf16"`` / ``torch.bfloat16`` / ``"bfloat16"`` -> torch dtype (fp32, bf16, fp16; also int8
+    with ``int8=True``, for sparse values and the quantized head)."""
+    table = SPARSE_VALUE_DTYPES if int8 else VALUE_DTYPES
+    known = ", ".join(table)
     if isinstance(spec, torch.dtype):
-        if spec not in DTYPE_NAMES:
-            raise UserError(f"unsupported sparse value dtype {spec} (fp32, bf16, fp16)")
+        if spec not in table.values():
+            raise UserError(f"unsupported value dtype {spec} ({known})")
         return spec
     aliases = {"float32": "fp32", "float": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16"}
     name = aliases.get(str(spec), str(spec))
-    if name not in VALUE_DTYPES:
-        raise UserError(f"unsupported sparse value dtype {spec!r} (fp32, bf16, fp16)")
-    return VALUE_DTYPES[name]
+    if name not in table:
+        raise UserError(f"unsupported value dtype {spec!r} ({known})")
+    return table[name]
 
 
 def _value_size(value_dtype_spec) -> int:
     if value_dtype_spec in (1, 2, 4, 8) and isinstance(value_dtype_spec, int):
         return int(value_dtype_spec)
-    return torch.empty((), dtype=value_dtype(value_dtype_spec)).element_size()
+    return torch.empty((), dtype=value_dtype(value_dtype_spec, int8=True)).element_size()
+
+
+def _is_int8(value_dtype_spec) -> bool:
+    if isinstance(value_dtype_spec, int) and not isinstance(value_dtype_spec, bool):
+        return value_dtype_spec == 1
+    return value_dtype(value_dtype_spec, int8=True) == torch.int8
+
+
+# ----- int8 quantization: the one place that rounds weights to int8 ------------------------------
+
+def _q8_scales(absmax: torch.Tensor) -> torch.Tensor:
+    """Symmetric int8 scales from absolute maxima (1 where everything is zero)."""
+    return torch.where(absmax > 0, absmax / Q8_MAX, torch.ones_like(absmax))
+
+
+def _q8_round(x: torch.Tensor) -> torch.Tensor:
+    """Already scaled values -> int8 (round to nearest, clamp to +-127)."""
+    return torch.round(x).clamp_(-Q8_MAX, Q8_MAX).to(torch.int8)
+
+
+def quantize_rows(values: torch.Tensor, rows_idx: torch.Tensor, rows: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Packed values (nnz,) of rows ``rows_idx`` (int64, nnz) -> (int8 (nnz,), fp32 scales (rows,)):
+    symmetric round-to-nearest from each row's absmax; rows without values get scale 1."""
+    v = values.detach().float()
+    absmax = torch.zeros(rows, dtype=torch.float32)
+    if v.numel():
+        absmax.scatter_reduce_(0, rows_idx, v.abs(), reduce="amax", include_self=True)
+    scales = _q8_scales(absmax)
+    return _q8_round(v / scales[rows_idx]), scales
+
+
+def q8_group_count(cols: int, group_size: int) -> int:
+    """Scale groups per row of a ``quantize_q8`` matrix (group_size 0: one per row)."""
+    if group_size < 0 or (group_size and cols % group_size):
+        raise UserError(f"int8 group size {group_size} does not divide {cols} columns")
+    return 1 if group_size == 0 else cols // group_size
+
+
+def quantize_q8(weight: torch.Tensor, group_size: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Dense (rows, cols) -> (int8 (rows, cols), fp32 scales (rows, G)), G = cols / group_size
+    (group_size 0: per row, G = 1); symmetric round-to-nearest from each group's absmax."""
+    w = _check_dense(weight).float()
+    rows, cols = w.shape
+    g = q8_group_count(cols, group_size)
+    wg = w.reshape(rows, g, cols // g)  # (rows, G, group)
+    scales = _q8_scales(wg.abs().amax(-1) if cols else torch.zeros(rows, g))  # (rows, G)
+    q = _q8_round(wg / scales.unsqueeze(-1))
+    return q.reshape(rows, cols).contiguous(), scales.contiguous()
+
+
+def dequantize_q8(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Inverse of ``quantize_q8``: (rows, cols) in ``dtype``."""
+    rows, cols = qweight.shape
+    g = scales.shape[1]
+    w = qweight.to(torch.float32).reshape(rows, g, cols // g) * scales.unsqueeze(-1)  # (rows, G, group)
+    return w.reshape(rows, cols).to(dtype)
+
+
+def q8_nbytes(rows: int, cols: int, group_size: int = 0) -> int:
+    """Bytes of a ``quantize_q8`` matrix: one byte a weight + an fp32 scale per group."""
+    return rows * cols + 4 * rows * q8_group_count(cols, group_size)
+
+
+def check_scales(scales, shape: Tuple[int, ...], name: str, where: str) -> None:
+    """fp32 scales of exactly ``shape``, finite and > 0 (FormatError naming ``name``)."""
+    if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32 or tuple(scales.shape) != tuple(shape):
+        raise FormatError(f"{where}: {name} must be float32 of shape {tuple(shape)}, got "
+                          f"{getattr(scales, 'dtype', type(scales))} {tuple(getattr(scales, 'shape', ()))}")
+    if scales.numel() and not bool((torch.isfinite(scales) & (scales > 0)).all()):
+        bad = int((~(torch.isfinite(scales) & (scales > 0))).sum())
+        raise FormatError(f"{where}: {name} holds {bad} values that are not finite and > 0")
 
 
 def _check_sizes(rows: int, cols: int, nnz: int) -> Tuple[int, int, int]:
@@ -194,14 +278,26 @@ class SparseMatrix:
     kernel: Optional[str] = None
 
     def __init__(self, shape: Tuple[int, int], where: str = "matrix", **tensors: torch.Tensor):
-        missing = [k for k in self.tensor_names if k not in tensors]
+        names = self._names_for(tensors)
+        missing = [k for k in names if k not in tensors]
         if missing:
             raise FormatError(f"{where}: {self.name} matrix lacks tensors {missing}")
         self._set(shape, tensors)
         self.validate(where)
 
+    @classmethod
+    def tensor_names_for(cls, dtype) -> Tuple[str, ...]:
+        """The stored tensors of a matrix with ``dtype`` values (int8 adds ``scales``)."""
+        return cls.tensor_names
+
+    @classmethod
+    def _names_for(cls, tensors: Dict[str, torch.Tensor]) -> Tuple[str, ...]:
+        v = tensors.get("values")
+        return cls.tensor_names_for(v.dtype if isinstance(v, torch.Tensor) else None)
+
     def _set(self, shape, tensors: Dict[str, torch.Tensor]) -> None:
         self.shape = (int(shape[0]), int(shape[1]))
+        self.tensor_names = self._names_for(tensors)  # this matrix's tensors (class default + scales for int8)
         for key in self.tensor_names:
             setattr(self, key, tensors[key])
 
@@ -262,14 +358,31 @@ class SparseMatrix:
         return (self.row_ptr[1:].to(torch.int64) - self.row_ptr[:-1].to(torch.int64))
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "SparseMatrix":
-        """Move to ``device`` and/or cast the values to ``dtype`` (indices keep their types)."""
-        out = {}
-        for k, t in self.tensors().items():
-            t = t.to(device) if device is not None else t
-            if k == "values" and dtype is not None:
-                t = t.to(value_dtype(dtype))
-            out[k] = t
+        """Move to ``device`` and/or cast the values to ``dtype`` (indices keep their types); to or from
+        int8 the values are quantized / dequantized (``scales`` added / dropped)."""
+        out = dict(self.tensors())
+        if dtype is not None:
+            dt = value_dtype(dtype, int8=True)
+            if dt == torch.int8 and self.dtype != torch.int8:
+                self._check_int8()
+                out["values"], out["scales"] = quantize_rows(self.values, self.row_indices(), self.rows)
+            elif dt != torch.int8:
+                out["values"] = self.float_values().to(dt) if self.dtype == torch.int8 else self.values.to(dt)
+                out.pop("scales", None)
+        if device is not None:
+            out = {k: t.to(device) for k, t in out.items()}
         return self._trusted(self.shape, out)
+
+    def float_values(self) -> torch.Tensor:
+        """The values in fp32 (int8 values times their row's scale)."""
+        if self.values.dtype != torch.int8:
+            return self.values.float()
+        return self.values.float() * self.scales[self.row_indices().to(self.scales.device)]
+
+    @classmethod
+    def _check_int8(cls) -> None:
+        if "scales" not in cls.tensor_names_for(torch.int8):
+            raise UserError(f"{cls.name} does not store int8 values (use the bitmap format)")
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(shape={self.shape}, nnz={self.nnz}, sparsity={self.sparsity:.3f}, "
@@ -303,8 +416,10 @@ class SparseMatrix:
         raise NotImplementedError
 
     def to_csr(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(row_ptr int32 (rows+1), col_idx int32 (nnz), values (nnz)): plain CSR, e.g. for PopSparse."""
-        return self.row_ptr, self.column_indices().to(torch.int32), self.values
+        """(row_ptr int32 (rows+1), col_idx int32 (nnz), values (nnz)): plain CSR, e.g. for PopSparse
+        (int8 values dequantized to fp32)."""
+        values = self.float_values() if self.dtype == torch.int8 else self.values
+        return self.row_ptr, self.column_indices().to(torch.int32), values
 
     def row_indices(self) -> torch.Tensor:
         """Row of each value, int64 (nnz,)."""
@@ -317,8 +432,10 @@ class SparseMatrix:
         if rows < 0 or cols < 0:
             raise FormatError(f"{where}: negative shape {self.shape}")
         v, rp = self.values, self.row_ptr
-        if not isinstance(v, torch.Tensor) or v.dtype not in DTYPE_NAMES:
-            raise FormatError(f"{where}: values have unsupported dtype {getattr(v, 'dtype', type(v))} (fp32, bf16, fp16)")
+        int8_ok = "scales" in self.tensor_names_for(torch.int8)
+        if not isinstance(v, torch.Tensor) or v.dtype not in DTYPE_NAMES or (v.dtype == torch.int8 and not int8_ok):
+            raise FormatError(f"{where}: values have unsupported dtype {getattr(v, 'dtype', type(v))} for "
+                              f"{self.name} ({', '.join(SPARSE_VALUE_DTYPES if int8_ok else VALUE_DTYPES)})")
         if v.dim() != 1:
             raise FormatError(f"{where}: values must be 1-D, got shape {tuple(v.shape)}")
         if v.numel() > rows * cols:
@@ -339,6 +456,8 @@ class CSR16(SparseMatrix):
         """int32 row pointers, one 2-byte column index per non-zero, the values. (Beyond 65536
         columns, which csr16 cannot store, PopSparse's CSR needs 4-byte column indices: counted so.)"""
         v = _value_size(value_dtype)
+        if _is_int8(value_dtype):
+            cls._check_int8()
         index_bytes = 2 if cols <= CSR16_MAX_COLS else 4
         return {"row_ptr": 4 * (rows + 1), "col_idx": index_bytes * nnz, "values": v * nnz}
 
@@ -348,7 +467,9 @@ class CSR16(SparseMatrix):
         rows, cols = w.shape
         if cols > CSR16_MAX_COLS:
             raise UserError(f"csr16 stores at most {CSR16_MAX_COLS} columns, got {cols}")
-        dt = value_dtype(dtype) if dtype is not None else value_dtype(w.dtype)
+        dt = value_dtype(dtype, int8=True) if dtype is not None else value_dtype(w.dtype)
+        if dt == torch.int8:
+            cls._check_int8()
         row_ptr, col, values = csr_from_dense(w)
         col16 = torch.where(col >= 1 << 15, col - (1 << 16), col).to(torch.int16)
         return cls._trusted((rows, cols), {"row_ptr": row_ptr, "col_idx": col16, "values": values.to(dt)})
@@ -398,19 +519,43 @@ class Bitmap(SparseMatrix):
     tensor_names = ("mask", "row_ptr", "values")
     kernel = "bitmap_matmul"
 
+    quantized_tensor_names = tensor_names + ("scales",)
+
+    @classmethod
+    def tensor_names_for(cls, dtype) -> Tuple[str, ...]:
+        return cls.quantized_tensor_names if dtype == torch.int8 else cls.tensor_names
+
     @classmethod
     def byte_parts(cls, rows: int, cols: int, nnz: int, value_dtype="fp16") -> Dict[str, int]:
-        """One bit per dense element (rows padded to whole bytes), int32 row pointers, the values."""
+        """One bit per dense element (rows padded to whole bytes), int32 row pointers, the values
+        (+ an fp32 scale a row for int8 values)."""
         v = _value_size(value_dtype)
-        return {"mask": rows * ((cols + 7) // 8), "row_ptr": 4 * (rows + 1), "values": v * nnz}
+        parts = {"mask": rows * ((cols + 7) // 8), "row_ptr": 4 * (rows + 1), "values": v * nnz}
+        if _is_int8(value_dtype):
+            parts["scales"] = 4 * rows
+        return parts
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, dtype=None) -> "Bitmap":
         w = _check_dense(weight)
         rows, cols = w.shape
-        dt = value_dtype(dtype) if dtype is not None else value_dtype(w.dtype)
+        dt = value_dtype(dtype, int8=True) if dtype is not None else value_dtype(w.dtype)
         nz, row_ptr, values = _nonzeros(w)
-        return cls._trusted((rows, cols), {"mask": _pack_bits(nz), "row_ptr": row_ptr, "values": values.to(dt)})
+        tensors = {"mask": _pack_bits(nz), "row_ptr": row_ptr}
+        if dt == torch.int8:
+            counts = (row_ptr[1:] - row_ptr[:-1]).to(torch.int64)
+            tensors["values"], tensors["scales"] = quantize_rows(values, torch.repeat_interleave(
+                torch.arange(rows), counts), rows)
+        else:
+            tensors["values"] = values.to(dt)
+        return cls._trusted((rows, cols), tensors)
+
+    @classmethod
+    def kernel_matmul(cls, ext, x: torch.Tensor, tensors: Sequence[torch.Tensor], bias: Optional[torch.Tensor],
+                      rows: int, cols: int) -> torch.Tensor:
+        if len(tensors) == 4:  # int8 values + scales
+            return ext.bitmap_matmul(x, tensors[0], tensors[1], tensors[2], bias, rows, cols, tensors[3])
+        return ext.bitmap_matmul(x, *tensors, bias, rows, cols)
 
     def dense_mask(self) -> torch.Tensor:
         return _unpack_bits(self.mask, self.cols)
@@ -419,9 +564,13 @@ class Bitmap(SparseMatrix):
         return self.dense_mask().nonzero()[:, 1]
 
     def to_dense(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        out = torch.zeros(self.shape, dtype=dtype or self.dtype, device=self.values.device)
+        """Dense weight in ``dtype`` (default: the value dtype; fp32 for int8 values, dequantized)."""
+        quantized = self.dtype == torch.int8
+        out = torch.zeros(self.shape, dtype=dtype or (torch.float32 if quantized else self.dtype),
+                          device=self.values.device)
+        values = self.float_values() if quantized else self.values
         # values are stored in row-major order of the set bits, which is masked_scatter_'s order
-        return out.masked_scatter_(self.dense_mask(), self.values.to(out.dtype))
+        return out.masked_scatter_(self.dense_mask(), values.to(out.dtype))
 
     def validate(self, where: str = "matrix") -> "Bitmap":
         counts = self._check_common(where)
@@ -439,6 +588,8 @@ class Bitmap(SparseMatrix):
             bad = int((popcount != counts).nonzero()[0, 0])
             raise FormatError(f"{where}: row {bad} has {int(popcount[bad])} mask bits but row_ptr gives "
                               f"{int(counts[bad])} values")
+        if self.values.dtype == torch.int8:
+            check_scales(self.scales, (rows,), "scales", where)
         return self
 
 
@@ -466,4 +617,5 @@ def from_tensors(fmt: str, shape, tensors: Dict[str, torch.Tensor], where: str =
         shape = (int(shape[0]), int(shape[1]))
     except (TypeError, ValueError, IndexError):
         raise UserError(f"{where}: bad shape {shape!r}") from None
-    return cls(shape, where=where, **{k: tensors[k] for k in cls.tensor_names if k in tensors})
+    names = cls._names_for(tensors)  # int8 values bring their scales
+    return cls(shape, where=where, **{k: tensors[k] for k in names if k in tensors})

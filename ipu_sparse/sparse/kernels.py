@@ -1,13 +1,15 @@
 """Sparse x dense matmul: the compiled CPU kernel, and the pure-torch reference (the oracle).
 
 ``sparse_matmul(x, W, bias)`` computes ``x @ W.T + bias`` for a ``SparseMatrix`` W
-(fp32 accumulation whatever the value dtype) and returns fp32.
+(fp32 accumulation whatever the value dtype; int8 values are summed widened to fp32 and each
+row's sum multiplied by its scale) and returns fp32.
 
 Backends:
-* ``compiled`` -- ``ipu_sparse.sparse._kernels`` (``csrc/sparse_kernels.cpp``), built by
-  ``python setup.py build_ext --inplace`` (or any install), or just-in-time with
-  ``IPU_SPARSE_JIT=1`` (``torch.utils.cpp_extension.load``, cached under
-  ``~/.cache/ipu_sparse``). Reads the bitmap / csr16 storage directly; each format class names its
+* ``compiled`` -- ``ipu_sparse.sparse._kernels`` (every ``csrc/*.cpp``), built by
+  ``python setup.py build_ext --inplace`` (or an install with torch importable at build time),
+  else compiled once on first use and cached under ``~/.cache/ipu_sparse`` (``build.jit_load``;
+  ``IPU_SPARSE_CACHE`` moves it, ``IPU_SPARSE_JIT=0`` turns it off, ``IPU_SPARSE_JIT=1`` uses it
+  even when an in-place build exists). Reads the bitmap / csr16 storage directly; each format class names its
   kernel (``SparseMatrix.kernel``) and has validated its index when it was built.
 * ``reference`` -- gathers ``x[:, col]``, multiplies by the values and sums each row with
   ``index_add_``; always available, used by the tests as the oracle.
@@ -15,7 +17,7 @@ Backends:
 ``auto`` (the default) uses the compiled kernel when it is importable and the inputs are
 on the CPU, and otherwise the reference, logging once why. Environment: ``IPU_SPARSE_BACKEND``
 (auto/compiled/reference), ``IPU_SPARSE_ISA`` (force avx512/avx2/scalar), ``IPU_SPARSE_NO_EXT=1``
-(behave as if the extension were not built), ``IPU_SPARSE_JIT=1`` (compile it on first use).
+(behave as if the extension were not built, no JIT build either), ``IPU_SPARSE_JIT`` (see above).
 """
 from __future__ import annotations
 
@@ -34,18 +36,6 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "compiled", "reference")
 
 
-def _jit_build():
-    from torch.utils.cpp_extension import load
-
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib")
-    link_args, _ = build.openmp_link_args(torch_lib)
-    cache = os.path.join(os.path.expanduser("~"), ".cache", "ipu_sparse", f"torch{torch.__version__}")
-    os.makedirs(cache, exist_ok=True)
-    return load(name="ipu_sparse_kernels", sources=[build.source_path(root)], extra_cflags=list(build.CXX_FLAGS),
-                extra_ldflags=link_args + ["-Wl,-rpath," + torch_lib], build_directory=cache, verbose=False)
-
-
 class KernelBinding:
     """Which sparse matmul this process runs: the chosen backend and the compiled module, loaded once.
 
@@ -59,24 +49,36 @@ class KernelBinding:
         self.tried = False     # whether loading was attempted
         self.reason = None     # why the compiled module is unavailable
         self.fast = None       # the module while the backend allows it (read by SparseLinear.forward)
+        self.source = None     # "built in place" or "JIT-built, cached in DIR"
 
     def load_extension(self):
         """The compiled module, or None (the reason is in ``extension_status()``)."""
         if self.tried:
             return self.ext
         self.tried = True
-        try:
-            if os.environ.get("IPU_SPARSE_NO_EXT"):
-                raise ImportError("disabled by IPU_SPARSE_NO_EXT")
-            from . import _kernels as ext  # built by setup.py build_ext
-        except ImportError as exc:
-            ext = None
-            self.reason = f"compiled kernel not available ({exc}); build it with `python setup.py build_ext --inplace`"
-            if os.environ.get("IPU_SPARSE_JIT"):
+        jit = os.environ.get("IPU_SPARSE_JIT", "")
+        ext = None
+        if os.environ.get("IPU_SPARSE_NO_EXT"):
+            self.reason = "compiled kernel disabled by IPU_SPARSE_NO_EXT"
+        else:
+            if jit != "1":
                 try:
-                    ext = _jit_build()
-                except Exception as jit_exc:  # compiler missing, headers missing, ...
-                    self.reason += f"; JIT build failed: {jit_exc}"
+                    from . import _kernels as ext  # built in place by setup.py build_ext
+                    self.source = "built in place"
+                    stale = build.newer_sources(getattr(ext, "__file__", "") or "")
+                    if stale:
+                        log.warning("ipu_sparse: the in-place sparse kernel is older than %s; rebuild it with "
+                                    "`python setup.py build_ext --inplace`", ", ".join(stale))
+                except ImportError as exc:
+                    self.reason = f"compiled kernel not built in place ({exc})"
+            if ext is None and jit != "0":
+                try:
+                    ext = build.jit_load()
+                    self.source = "JIT-built, cached in " + build.jit_dir(torch.__version__)
+                except Exception as jit_exc:  # compiler or headers missing, read-only cache, ...
+                    self.reason = (self.reason + "; " if self.reason else "") + f"JIT build failed: {jit_exc}"
+            elif ext is None:
+                self.reason += "; JIT build disabled by IPU_SPARSE_JIT=0"
         if ext is not None:
             forced = os.environ.get("IPU_SPARSE_ISA")
             if forced:
@@ -95,7 +97,8 @@ class KernelBinding:
         ext = self.load_extension()
         if ext is None:
             return f"reference (pure torch): {self.reason}"
-        return f"compiled ({ext.isa()}; best on this CPU: {ext.best_isa()}; threads {torch.get_num_threads()})"
+        return (f"compiled ({ext.isa()}; best on this CPU: {ext.best_isa()}; threads {torch.get_num_threads()}; "
+                f"{self.source})")
 
     def set_backend(self, name: str) -> None:
         if name not in BACKENDS:
@@ -158,6 +161,8 @@ def reference_matmul(x: torch.Tensor, w: SparseMatrix, bias: Optional[torch.Tens
     prod = xf[:, cols_idx] * w.values.float()  # (B, nnz)
     y = torch.zeros(x.shape[0], w.rows, dtype=torch.float32, device=x.device)
     y.index_add_(1, rows_idx, prod)  # (B, rows)
+    if w.dtype == torch.int8:  # int8 values: W[r, c] = q * scales[r]
+        y *= w.scales.to(y.device)
     if bias is not None:
         y += bias.float()
     return y

@@ -20,17 +20,25 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..model import set_module
 from . import kernels
-from .formats import DEFAULT_FORMAT, SparseMatrix, format_class, from_dense, value_dtype
+from .formats import (DEFAULT_FORMAT, SparseMatrix, check_scales, dequantize_q8, format_class, from_dense,
+                      q8_nbytes, quantize_q8, value_dtype)
 
 log = logging.getLogger(__name__)
+
+
+def _keep_scales_fp32(module: nn.Module) -> None:
+    """``module.to(torch.bfloat16)`` casts every floating buffer: int8 scales stay fp32 (the kernels read fp32)."""
+    s = module._buffers.get("scales")
+    if s is not None and s.dtype != torch.float32:
+        module._buffers["scales"] = s.float()
 
 
 class SparseLinear(nn.Module):
     """A linear layer whose weight is a ``SparseMatrix`` (bitmap or csr16); bias stays dense fp32.
 
-    The format's tensors are buffers (``mask``/``col_idx``, ``row_ptr``, ``values``), so
-    ``.to(device)`` and ``state_dict()`` see them. Input of any float dtype; output in the
-    input's dtype; fp32 accumulation.
+    The format's tensors are buffers (``mask``/``col_idx``, ``row_ptr``, ``values``, and ``scales``
+    for int8 values), so ``.to(device)`` and ``state_dict()`` see them. Input of any float dtype;
+    output in the input's dtype; fp32 accumulation.
     """
 
     is_sparse_linear = True
@@ -40,11 +48,17 @@ class SparseLinear(nn.Module):
         self.in_features, self.out_features = weight.cols, weight.rows
         self.format = weight.name
         self.format_class = type(weight)  # owns the byte count, CSR view, kernel and validation
+        self.tensor_names = weight.tensor_names  # the buffers that hold the weight (int8 adds scales)
         for key, t in weight.tensors().items():
             self.register_buffer(key, t)
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self._matrix: Optional[SparseMatrix] = None
         self._matrix_key = None
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        _keep_scales_fp32(self)
+        return out
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str = DEFAULT_FORMAT, dtype=None) -> "SparseLinear":
@@ -55,7 +69,7 @@ class SparseLinear(nn.Module):
     @property
     def matrix(self) -> SparseMatrix:
         """The weight as a format object (views of this module's buffers, validated when they change)."""
-        tensors = {k: getattr(self, k) for k in self.format_class.tensor_names}
+        tensors = {k: getattr(self, k) for k in self.tensor_names}
         key = tuple(t.data_ptr() for t in tensors.values()) + tuple(t.dtype for t in tensors.values())
         if self._matrix is None or self._matrix_key != key:
             self._matrix = self.format_class((self.out_features, self.in_features), **tensors)
@@ -65,9 +79,9 @@ class SparseLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # Incoming index tensors are validated before they replace the buffers the kernel reads.
-        incoming = {k: state_dict[prefix + k] for k in self.format_class.tensor_names if prefix + k in state_dict}
+        incoming = {k: state_dict[prefix + k] for k in self.tensor_names if prefix + k in state_dict}
         if incoming:
-            tensors = {k: incoming.get(k, getattr(self, k)) for k in self.format_class.tensor_names}
+            tensors = {k: incoming.get(k, getattr(self, k)) for k in self.tensor_names}
             self.format_class((self.out_features, self.in_features), where=f"state dict {prefix.rstrip('.') or 'layer'}",
                               **tensors)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
@@ -75,7 +89,8 @@ class SparseLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """A dense copy of the weight (zeros included), in the value dtype. Materialised on every access."""
+        """A dense copy of the weight (zeros included), in the value dtype (fp32 for int8 values,
+        dequantized). Materialised on every access."""
         return self.matrix.to_dense()
 
     def to_csr(self):
@@ -110,9 +125,8 @@ class SparseLinear(nn.Module):
                 and (bias is None or bias.dtype == torch.float32) and self.format_class.kernel is not None:
             # decode hot path: straight to the format's compiled kernel (it checks shapes and dtypes; the
             # index contents were validated when this layer was built or its state dict loaded)
-            fc = self.format_class
-            y = fc.kernel_matmul(ext, x2.contiguous(), [buf[k] for k in fc.tensor_names], bias,
-                                 self.out_features, self.in_features)
+            y = self.format_class.kernel_matmul(ext, x2.contiguous(), [buf[k] for k in self.tensor_names], bias,
+                                                self.out_features, self.in_features)
         else:
             y = kernels.sparse_matmul(x2, self.matrix, self.bias)  # (N, out) fp32
         y = y.view(*shape[:-1], self.out_features)
@@ -158,15 +172,95 @@ class LowPrecisionLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.weight.dtype}"
 
 
+class QuantizedLinear(nn.Module):
+    """A dense linear layer stored as int8 with fp32 scales (the int8 LM-head option), no bias.
+
+    Buffers: ``qweight`` int8 (out, in) and ``scales`` fp32 (out, G): W[o, i] = qweight[o, i] *
+    scales[o, i // (in / G)] (G = 1: one scale a row; ``quantize_q8``). Batch 1 (and up to
+    ``kernel_rows_max`` rows) runs the compiled int8 GEMV, which reads each weight row once for all
+    rows of x; more rows dequantize the weight into a temporary fp32 matrix for one GEMM (for a
+    512-token prefill of SmolLM2's 49152x576 head, dequantizing costs a few % of the GEMM; keeping a
+    dequantized copy would undo the memory saving).
+    """
+
+    kernel_rows_max = 8
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, where: str = "QuantizedLinear"):
+        super().__init__()
+        if not isinstance(qweight, torch.Tensor) or qweight.dtype != torch.int8 or qweight.dim() != 2:
+            raise UserError(f"{where}: qweight must be a 2-D int8 tensor, got "
+                            f"{getattr(qweight, 'dtype', type(qweight))} {tuple(getattr(qweight, 'shape', ()))}")
+        self.out_features, self.in_features = qweight.shape
+        groups = scales.shape[1] if isinstance(scales, torch.Tensor) and scales.dim() == 2 else 0
+        if groups < 1 or self.in_features % groups:
+            raise UserError(f"{where}: scales must have shape ({self.out_features}, G) with G dividing "
+                            f"{self.in_features}, got {tuple(getattr(scales, 'shape', ()))}")
+        check_scales(scales, (self.out_features, groups), "scales", where)
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scales", scales.contiguous())
+        self.bias = None
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        _keep_scales_fp32(self)
+        return out
+
+    @property
+    def group_size(self) -> int:
+        """Columns per scale (0: one scale a row)."""
+        g = self.scales.shape[1]
+        return 0 if g == 1 else self.in_features // g
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, group_size: int = 0) -> "QuantizedLinear":
+        if getattr(linear, "bias", None) is not None:
+            raise UserError("QuantizedLinear stores no bias (an int8 head is for bias-free LM heads)")
+        return cls(*quantize_q8(linear.weight.detach(), group_size))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight, fp32 (materialised on every access)."""
+        return dequantize_q8(self.qweight, self.scales)
+
+    def nbytes(self) -> int:
+        return q8_nbytes(self.out_features, self.in_features, self.group_size)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if prefix + "scales" in state_dict:
+            check_scales(state_dict[prefix + "scales"], tuple(self.scales.shape), "scales",
+                         f"state dict {prefix.rstrip('.') or 'layer'}")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        ext = kernels.BINDING.fast or kernels.fast_extension()
+        if ext is not None and x2.shape[0] <= self.kernel_rows_max and x.device.type == "cpu" \
+                and not x.requires_grad:
+            y = ext.q8_matmul(x2.to(torch.float32).contiguous(), self.qweight, self.scales, None)
+        else:
+            y = F.linear(x2.to(torch.float32), dequantize_q8(self.qweight, self.scales))
+        y = y.view(*shape[:-1], self.out_features)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, dtype=int8, "
+                f"group_size={self.group_size or 'row'}")
+
+
 @dataclass
 class SparseConfig:
     """What ``sparsify_`` does.
 
-    format: "bitmap" (compact, default) or "csr16". dtype: value dtype "fp32", "bf16", "fp16".
+    format: "bitmap" (compact, default) or "csr16". dtype: value dtype "fp32", "bf16", "fp16", or
+    "int8" (bitmap only: int8 values with a per-row fp32 scale).
     include_head: also convert the LM head (untied from the embedding first).
     min_sparsity: leave layers with fewer exact zeros than this dense.
-    head_dtype: if set (e.g. "fp16") and the head is not converted to sparse, store the dense head
-    in that dtype (an untied copy when tied to the embedding).
+    head_dtype: if set (e.g. "fp16", "int8") and the head is not converted to sparse, store the dense
+    head in that dtype (an untied copy when tied to the embedding; int8: ``QuantizedLinear``).
+    head_group_size: columns per scale of an int8 head (0: one scale a row).
     """
 
     format: str = DEFAULT_FORMAT
@@ -174,12 +268,16 @@ class SparseConfig:
     include_head: bool = False
     min_sparsity: float = 0.0
     head_dtype: Optional[str] = None
+    head_group_size: int = 0
 
     def __post_init__(self) -> None:
-        format_class(self.format)
-        value_dtype(self.dtype)
+        fc = format_class(self.format)
+        if value_dtype(self.dtype, int8=True) == torch.int8:
+            fc._check_int8()
         if self.head_dtype is not None:
-            value_dtype(self.head_dtype)
+            value_dtype(self.head_dtype, int8=True)
+        if not isinstance(self.head_group_size, int) or self.head_group_size < 0:
+            raise UserError(f"head_group_size must be an integer >= 0, got {self.head_group_size!r}")
         if not 0.0 <= self.min_sparsity <= 1.0:
             raise UserError(f"min_sparsity must be in [0, 1], got {self.min_sparsity}")
 
@@ -221,7 +319,10 @@ def sparsify_(model: nn.Module, config: Optional[SparseConfig] = None,
             if getattr(getattr(model, "config", None), "tie_embeddings", False):
                 model.untie_lm_head_()  # the head gets its own matrix; the embedding stays as it is
                 head = model.lm_head
-            model.lm_head = LowPrecisionLinear.from_linear(head, config.head_dtype)
+            if value_dtype(config.head_dtype, int8=True) == torch.int8:
+                model.lm_head = QuantizedLinear.from_linear(head, config.head_group_size)
+            else:
+                model.lm_head = LowPrecisionLinear.from_linear(head, config.head_dtype)
     return model
 
 
@@ -230,11 +331,12 @@ def sparse_modules(model: nn.Module) -> Dict[str, SparseLinear]:
 
 
 def densify_(model: nn.Module) -> nn.Module:
-    """Inverse of ``sparsify_``: every ``SparseLinear`` / ``LowPrecisionLinear`` back to an fp32
-    ``nn.Linear`` holding the same weights (pruned ones as exact zeros); returns ``model``."""
+    """Inverse of ``sparsify_``: every ``SparseLinear`` / ``LowPrecisionLinear`` / ``QuantizedLinear``
+    back to an fp32 ``nn.Linear`` holding the same weights (pruned ones as exact zeros, int8 ones
+    dequantized); returns ``model``."""
     with torch.no_grad():
         for fqn, mod in list(model.named_modules()):
-            if not isinstance(mod, (SparseLinear, LowPrecisionLinear)):
+            if not isinstance(mod, (SparseLinear, LowPrecisionLinear, QuantizedLinear)):
                 continue
             w = mod.weight.detach().float()
             lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)

@@ -6,7 +6,8 @@ import torch
 
 from ipu_sparse.cli import main
 from ipu_sparse.errors import UserError
-from ipu_sparse.generate import ChatSession, SamplingConfig, TextStreamer, generate, generate_batch, sample_next
+from ipu_sparse.generate import (ChatSession, SamplingConfig, TextStreamer, generate, generate_batch, generate_many,
+                                 sample_next)
 from ipu_sparse.loading.tokenizer import ByteTokenizer
 
 
@@ -122,3 +123,51 @@ def test_smollm2_chat_answers_paris(smollm2, monkeypatch, capsys):
     assert "Paris" in chat.ask("What is the capital of France?")
     assert "Berlin" in chat.ask("And of Germany?")
     assert len(chat.messages) == 4
+
+
+def test_generate_many_greedy_equals_one_prompt_at_a_time(tiny_llama, tiny_luminous):
+    prompts = [[5, 9, 33, 7], list(range(1, 12)), [200], [17, 18, 19, 20, 21, 22]]
+    limits = [12, 20, 5, 16]
+    for model in (tiny_llama, tiny_luminous):
+        many = generate_many(model, prompts, limits)
+        assert [len(o[0]) for o in many] == limits
+        assert [o[0] for o in many] == [generate_batch(model, p, 1, m)[0] for p, m in zip(prompts, limits)]
+        # a stop token ends a row (kept) and its prompt leaves the batch; the others go on unchanged
+        stop = {many[1][0][3]}
+        stopped = generate_many(model, prompts, limits, stop_ids=stop)
+        assert stopped == [[generate_batch(model, p, 1, m, stop_ids=stop)[0]] for p, m in zip(prompts, limits)]
+        assert len(stopped[1][0]) <= 4 and stopped[1][0][-1] in stop
+
+
+def test_generate_many_samples_draw_from_each_prompts_generator(tiny_llama):
+    prompts = [[5, 9, 33, 7], list(range(1, 12)), [200]]
+    s = SamplingConfig(temperature=1.0, top_p=0.9)
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    many = generate_many(tiny_llama, prompts, [10, 14, 6], s, samples_per_prompt=3, generators=gens)
+    for i, (p, m) in enumerate(zip(prompts, [10, 14, 6])):
+        alone = generate_batch(tiny_llama, p, 3, m, s, generator=torch.Generator().manual_seed(i))
+        assert many[i] == alone and len({tuple(x) for x in alone}) > 1
+
+
+def test_left_padded_rows_give_the_logits_of_the_prompt_alone(tiny_llama):
+    a, b = [5, 9, 33, 7, 8, 1], [40, 41]
+    pad = torch.tensor([0, 4])
+    idx = torch.tensor([a, [0] * 4 + b])  # (2, 6)
+    with torch.no_grad():
+        tiny_llama.setup_cache(2, 8)
+        both = tiny_llama(idx, input_pos=torch.arange(6), left_pad=pad)  # (2, 6, V)
+        step = tiny_llama(torch.tensor([[3], [4]]), input_pos=torch.tensor([6]), left_pad=pad)  # (2, 1, V)
+        tiny_llama.clear_cache()
+        ref_a, ref_b = tiny_llama(torch.tensor([a + [3]])), tiny_llama(torch.tensor([b + [4]]))
+    torch.testing.assert_close(both[0], ref_a[0, :6])
+    torch.testing.assert_close(both[1, 4:], ref_b[0, :2])
+    torch.testing.assert_close(step[:, 0], torch.stack([ref_a[0, 6], ref_b[0, 2]]))
+    assert torch.isfinite(both).all()
+
+
+def test_generate_many_bad_input(tiny_llama):
+    with pytest.raises(UserError, match="empty prompt"):
+        generate_many(tiny_llama, [[1, 2], []], 4)
+    with pytest.raises(UserError, match="exceeds the model's context"):
+        generate_many(tiny_llama, [[1] * 120], 10)
+    assert generate_many(tiny_llama, [[1, 2], [3]], 0, samples_per_prompt=2) == [[[], []], [[], []]]

@@ -20,6 +20,8 @@ def test_resolved_fields():
     (dict(method="magnitude-row"), False),
     (dict(method="magnitude", owl=True), True),
     (dict(method="magnitude", refit_iters=3), True),
+    (dict(method="magnitude", alloc_step=0.05), True),
+    (dict(method="magnitude", recon_steps=2), True),
     (dict(method="wanda"), True),
     (dict(method="sparsegpt"), True),
 ])
@@ -49,6 +51,17 @@ def test_needs_calibration(kwargs, needs):
     (dict(sparsity=0.5, refit_iters=2.5), "refit_iters=2.5"),
     (dict(method="wanda", sparsity=0.5, dense_target=True), "sparsegpt only"),
     (dict(sparsity=0.5, dense_target=True, sequential="layer"), "sequential='group'"),
+    (dict(sparsity=0.5, alloc_step=-0.05), "alloc_step=-0.05"),
+    (dict(sparsity=0.5, alloc_step=0.6), "alloc_step=0.6"),
+    (dict(sparsity=0.5, alloc_step=float("nan")), "alloc_step=nan"),
+    (dict(sparsity=0.5, alloc_step="0.1"), "alloc_step='0.1'"),
+    (dict(sparsity=0.5, alloc_step=0.05, alloc_nsamples=0), "alloc_nsamples=0"),
+    (dict(sparsity=0.5, alloc_step=0.05, alloc_nsamples=1.5), "alloc_nsamples=1.5"),
+    (dict(nm="2:4", alloc_step=0.05), "N:M pattern"),
+    (dict(sparsity=0.5, recon_steps=-1), "recon_steps=-1"),
+    (dict(sparsity=0.5, recon_steps=5, recon_lr=0.0), "recon_lr=0.0"),
+    (dict(sparsity=0.5, recon_steps=5, recon_lr=float("inf")), "recon_lr=inf"),
+    (dict(sparsity=0.5, recon_steps=5, recon_batch=0), "recon_batch=0"),
 ])
 def test_bad_values_are_named(kwargs, match):
     with pytest.raises(UserError, match=match):
@@ -72,4 +85,8 @@ def test_cli_reports_a_bad_setting_before_loading(tmp_path, capsys):
                "-0.5", "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 2 and "lambda -0.5" in err and "Traceback" not in err
+    assert not out.exists()
+    rc = main(["prune", "--model", "tiny-llama", "--sparsity", "0.5", "--alloc-step", "0.7", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "alloc_step=0.7" in err and "Traceback" not in err
     assert not out.exists()

@@ -78,7 +78,7 @@ def test_user_text_mixed_with_data_free_text(tmp_path):
     lm = load_model("tiny-llama")
     user = tmp_path / "a.txt"
     user.write_text("hello world. " * 200)
-    sd = SelfDistillConfig(n_tokens=300, max_new_tokens=8, samples_per_prompt=2)
+    sd = SelfDistillConfig(n_tokens=300, max_new_tokens=8, samples_per_prompt=2, prompts_per_batch=1)
     plain = build_windows(lm.tokenizer, 32, 2, 2, texts=[user])
     mixed = build_windows(lm.tokenizer, 32, 2, 2, texts=[user], teacher=lm.model, cache_dir=tmp_path / "c",
                           selfdistill=sd, mix_selfdistill=0.25)
@@ -119,3 +119,20 @@ def test_bad_text_sources(tmp_path, shared_data):
         build_windows(lm.tokenizer, 32, 2, 2, texts=[shared_data / "wikitext-2" / "wiki.test.raw"])
     with pytest.raises(UserError, match="evaluation set"):
         build_windows(lm.tokenizer, 32, 2, 2, texts=[shared_data / "zeroshot"])
+
+
+def test_self_distill_prompts_batched_together_write_the_same_text(tmp_path):
+    """Several prompts (different lengths, left-padded) in one batch: in fp32 the samples equal those
+    of one prompt per batch (each prompt draws from its own generator); the cache key tells them apart."""
+    lm = load_model("tiny-llama")
+    one = SelfDistillConfig(n_tokens=500, max_new_tokens=10, samples_per_prompt=2, prompts_per_batch=1,
+                            dtype="float32", seed=5)
+    ids1, cache1 = self_distill_ids(lm.model, lm.tokenizer, tmp_path, one)
+    ids3, cache3 = self_distill_ids(lm.model, lm.tokenizer, tmp_path,
+                                    SelfDistillConfig(**dict(one.__dict__, prompts_per_batch=3)))
+    assert cache1 != cache3
+    n = min(len(ids1), len(ids3))
+    assert ids1[:n] == ids3[:n]
+    assert len(cache3.read_text().splitlines()) % 3 == 0  # whole batches only
+    with pytest.raises(UserError, match="not a torch dtype"):
+        self_distill_ids(lm.model, lm.tokenizer, tmp_path, SelfDistillConfig(**dict(one.__dict__, dtype="float99")))

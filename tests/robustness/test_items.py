@@ -210,7 +210,8 @@ def test_account_json_refuses_an_existing_file_and_replaces_it_with_overwrite(tm
 
 @pytest.mark.parametrize("extra,needle", [
     (["--out", "{A}/afile/out"], "afile"),
-    (["--format", "bitmap", "--sparse-dtype", "int8", "--out", "{T}/out"], "int8"),
+    (["--format", "bitmap", "--sparse-dtype", "int4", "--out", "{T}/out"], "int4"),
+    (["--format", "csr16", "--sparse-dtype", "int8", "--out", "{T}/out"], "csr16"),
     (["--format", "dense", "--sparse-dtype", "bf16", "--out", "{T}/out"], "--sparse-dtype"),
 ])
 def test_prune_refuses_before_the_work(extra, needle, assets, tmp_path, monkeypatch):

@@ -57,3 +57,32 @@ def test_cli_account_preset_without_weights(tmp_path, capsys):
     assert "layers.0.attn.q_proj" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli_main(["account", "--model", "tiny-llama", "--format", "coo"])
+
+
+def test_decode_weight_bytes_counts_what_a_step_reads(tiny_llama):
+    import copy
+
+    from ipu_sparse.sparse.accounting import decode_weight_bytes
+    from ipu_sparse.sparse.linear import SparseConfig, sparsify_
+
+    cfg = tiny_llama.config
+    V, d = cfg.vocab_size, cfg.d_model
+    proj = sum(m.weight.numel() for _, m in tiny_llama.linear_layers())
+    dense = decode_weight_bytes(tiny_llama)  # fp32, head tied: the whole embedding is read as the head
+    assert dense["lm_head"] == 4 * V * d and dense["embedding_row"] == 0
+    assert dense["projections"] == 4 * proj and dense["norms"] == 4 * d * (2 * cfg.n_layers + 1)
+    assert dense["total"] == sum(v for k, v in dense.items() if k != "total")
+    pruned = copy.deepcopy(tiny_llama)
+    magnitude_prune_(pruned, 0.8)
+    sparse = sparsify_(pruned, SparseConfig(format="bitmap", dtype="bf16", head_dtype="fp16"))
+    got = decode_weight_bytes(sparse)
+    expect = sum(format_nbytes("bitmap", m.out_features, m.in_features, m.nnz, "bf16") + (
+        4 * m.out_features if m.bias is not None else 0) for _, m in sparse.linear_layers())
+    assert got["projections"] == expect < dense["projections"] // 4
+    assert got["lm_head"] == 2 * V * d and got["embedding_row"] == 4 * d  # untied fp16 head; one fp32 row
+    q = copy.deepcopy(tiny_llama)
+    magnitude_prune_(q, 0.8)
+    q = sparsify_(q, SparseConfig(format="bitmap", dtype="int8", head_dtype="int8"))
+    got8 = decode_weight_bytes(q)
+    assert got8["lm_head"] == V * d + 4 * V  # int8 head: one byte a weight + one fp32 scale a row
+    assert got8["projections"] < got["projections"]

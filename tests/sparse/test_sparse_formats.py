@@ -78,8 +78,11 @@ def test_format_nbytes_formulas():
         format_nbytes("coo", 1, 1, 0, "fp16")
     with pytest.raises(UserError):
         format_nbytes("bitmap", 2, 2, 5, "fp16")
+    assert format_nbytes("bitmap", 10, 20, 7, "int8") == 10 * 3 + 4 * 11 + 7 + 4 * 10  # + fp32 scale a row
     with pytest.raises(UserError):
-        format_nbytes("bitmap", 2, 2, 1, "int8")
+        format_nbytes("csr16", 2, 2, 1, "int8")  # int8 values are bitmap only
+    with pytest.raises(UserError):
+        format_nbytes("bitmap", 2, 2, 1, "int4")
 
 
 def _tamper(m, **changes):
@@ -136,7 +139,9 @@ def test_unsupported_dtype_and_shape():
     with pytest.raises(UserError):
         from_dense(torch.zeros(3), "bitmap")
     with pytest.raises(UserError):
-        from_dense(torch.zeros(3, 3), "bitmap", "int8")
+        from_dense(torch.zeros(3, 3), "bitmap", "int4")
+    with pytest.raises(UserError):
+        from_dense(torch.zeros(3, 3), "csr16", "int8")  # int8 values: bitmap only
     with pytest.raises(UserError):
         CSR16.from_dense(torch.zeros(1, 70000))
 

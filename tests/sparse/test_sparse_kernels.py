@@ -11,23 +11,6 @@ from ipu_sparse.sparse.formats import FORMATS, from_dense
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def available_isas():
-    ext = kernels.load_extension()
-    if ext is None:
-        return []
-    order = ["scalar", "avx2", "avx512"]
-    return order[: order.index(ext.best_isa()) + 1]
-
-
-@pytest.fixture
-def isa_restore():
-    ext = kernels.load_extension()
-    before = ext.isa() if ext is not None else None
-    yield
-    if ext is not None:
-        ext.set_isa(before)
-
-
 def make_case(rows, cols, density, seed, dtype, fmt):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g) * (torch.rand(rows, cols, generator=g) < density)
@@ -55,8 +38,8 @@ def test_reference_matches_dense():
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16", "fp16"])
-def test_kernel_matches_reference(isa, fmt, dtype, isa_restore):
-    if isa not in available_isas():
+def test_kernel_matches_reference(isa, fmt, dtype, isas):
+    if isa not in isas:
         pytest.skip(f"CPU lacks {isa}")
     kernels.set_isa(isa)
     for rows, cols, density in [(1, 1, 1.0), (7, 13, 0.5), (33, 64, 0.2), (64, 100, 0.9), (17, 250, 0.05),

@@ -115,7 +115,11 @@ def test_bad_config():
     with pytest.raises(UserError):
         SparseConfig(format="coo")
     with pytest.raises(UserError):
-        SparseConfig(dtype="int8")
+        SparseConfig(dtype="int4")
+    with pytest.raises(UserError):
+        SparseConfig(format="csr16", dtype="int8")  # int8 values: bitmap only
+    with pytest.raises(UserError):
+        SparseConfig(head_dtype="int4")
     with pytest.raises(UserError):
         SparseConfig(min_sparsity=2.0)
 

@@ -12,6 +12,28 @@ inline __attribute__((always_inline)) float cvt(uint16_t v, F16) {
   return to_f32(v, F16());
 #endif
 }
+inline __attribute__((always_inline)) float cvt(int8_t v, I8) { return float(v); }
+
+// Dense int8 rows (q8_matmul): y[b, r] = sum_g scales[r, g] * sum_{j in group g} q[r, j] x[b, j] + bias[r].
+__attribute__((noinline)) void q8_gemv(const float* x, int64_t B, const int8_t* q, const float* scales, int64_t cols,
+                                       int64_t groups, const float* bias, float* y, int64_t rows, int64_t r0,
+                                       int64_t r1) {
+  const int64_t gs = cols / groups;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int8_t* w = q + r * cols;
+    const float* s = scales + r * groups;
+    for (int64_t b = 0; b < B; ++b) {
+      const float* xb = x + b * cols;
+      float acc = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        float t = 0.f;
+        for (int64_t j = g * gs; j < (g + 1) * gs; ++j) t += float(w[j]) * xb[j];
+        acc += s[g] * t;
+      }
+      y[b * rows + r] = acc + (bias ? bias[r] : 0.f);
+    }
+  }
+}
 
 
 // Batch 1, bitmap: y[r] = sum over set bits.

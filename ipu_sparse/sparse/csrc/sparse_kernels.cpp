@@ -7,6 +7,10 @@
 //   csr16:  row_ptr (rows+1) int32; col_idx (nnz) 16-bit (stored int16, read as uint16);
 //           values (nnz).
 // Values are fp32, bf16 or fp16; accumulation is always fp32. x, bias and y are fp32.
+// bitmap also takes int8 values with per-row fp32 scales: y[r] = scales[r] * sum(q * x) + bias[r]
+// (the row kernels accumulate the int8 values widened to fp32; the scale is applied once per row).
+// q8_matmul: a dense int8 matrix (rows, cols) with fp32 scales (rows, G) per group of cols/G columns
+// (the int8 LM head), batch-1 GEMV per row (and per row of x for a few rows).
 //
 // Code paths, chosen at run time (never by compile flags, so one build runs on any x86-64):
 //   avx512: AVX-512F/BW/VL (masked loads, in-register expand, 16-wide gathers)
@@ -56,6 +60,7 @@ const char* isa_name(int isa) {
 struct F32 { using T = float; };
 struct BF16 { using T = uint16_t; };
 struct F16 { using T = uint16_t; };
+struct I8 { using T = int8_t; };
 
 inline __attribute__((always_inline)) float to_f32(float v, F32) { return v; }
 inline __attribute__((always_inline)) float to_f32(uint16_t v, BF16) {
@@ -65,6 +70,7 @@ inline __attribute__((always_inline)) float to_f32(uint16_t v, BF16) {
   return f;
 }
 inline __attribute__((always_inline)) float to_f32(uint16_t v, F16) { return c10::detail::fp16_ieee_to_fp32_value(v); }
+inline __attribute__((always_inline)) float to_f32(int8_t v, I8) { return float(v); }
 
 inline uint64_t load_bits(const uint8_t* p, int64_t nbytes) {
   // Little-endian read of up to 8 bytes (fewer at the end of a row).
@@ -94,6 +100,9 @@ AVX512_TARGET inline __m512 load_packed16_f16(const uint16_t* p, __mmask16 k) {
 AVX512_TARGET inline __m512 load_packed16(const float* p, __mmask16 k, F32) { return load_packed16(p, k); }
 AVX512_TARGET inline __m512 load_packed16(const uint16_t* p, __mmask16 k, BF16) { return load_packed16_bf16(p, k); }
 AVX512_TARGET inline __m512 load_packed16(const uint16_t* p, __mmask16 k, F16) { return load_packed16_f16(p, k); }
+AVX512_TARGET inline __m512 load_packed16(const int8_t* p, __mmask16 k, I8) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(k, p)));
+}
 
 // Weights of 16 consecutive columns with bitmap `m`: the next popcount(m) packed values, expanded
 // to the set lanes (zero elsewhere).
@@ -206,6 +215,9 @@ AVX2_TARGET inline __m256 load8(const uint16_t* p, BF16) {
 }
 AVX2_TARGET inline __m256 load8(const uint16_t* p, F16) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)p)); }
 AVX2_TARGET inline __m256 load8(const float* p, F32) { return load8(p); }
+AVX2_TARGET inline __m256 load8(const int8_t* p, I8) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)p)));
+}
 
 template <typename V>
 AVX2_TARGET void bitmap_gemv_avx2(const float* x, const uint8_t* mask, int64_t row_bytes, int64_t cols,
@@ -253,6 +265,65 @@ AVX2_TARGET void bitmap_gemv_avx2(const float* x, const uint8_t* mask, int64_t r
   }
 }
 
+// ----- dense int8 GEMV (the int8 LM head) ---------------------------------------------------
+
+// Rows [r0, r1) of y (B, rows) = x (B, cols) @ (q * scales)^T + bias; group size gs = cols / groups, a
+// multiple of 16 (the driver checks). Each weight row is read once and used for all B rows of x.
+AVX512_TARGET void q8_gemv_avx512(const float* x, int64_t B, const int8_t* q, const float* scales, int64_t cols,
+                                  int64_t groups, const float* bias, float* y, int64_t rows, int64_t r0, int64_t r1) {
+  const int64_t gs = cols / groups;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int8_t* w = q + r * cols;
+    const float* s = scales + r * groups;
+    for (int64_t b = 0; b < B; ++b) {
+      const float* xb = x + b * cols;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t g = 0; g < groups; ++g) {
+        __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps();
+        const int64_t end = (g + 1) * gs;
+        int64_t j = g * gs;
+        for (; j + 32 <= end; j += 32) {
+          const __m512i w32 = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + j)));
+          const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_castsi512_si256(w32)));
+          const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(w32, 1)));
+          t0 = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xb + j), t0);
+          t1 = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + j + 16), t1);
+        }
+        for (; j < end; j += 16)
+          t0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + j)))),
+                               _mm512_loadu_ps(xb + j), t0);
+        acc = _mm512_fmadd_ps(_mm512_add_ps(t0, t1), _mm512_set1_ps(s[g]), acc);
+      }
+      y[b * rows + r] = _mm512_reduce_add_ps(acc) + (bias ? bias[r] : 0.f);
+    }
+  }
+}
+
+AVX2_TARGET void q8_gemv_avx2(const float* x, int64_t B, const int8_t* q, const float* scales, int64_t cols,
+                              int64_t groups, const float* bias, float* y, int64_t rows, int64_t r0, int64_t r1) {
+  const int64_t gs = cols / groups;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int8_t* w = q + r * cols;
+    const float* s = scales + r * groups;
+    for (int64_t b = 0; b < B; ++b) {
+      const float* xb = x + b * cols;
+      __m256 acc = _mm256_setzero_ps();
+      for (int64_t g = 0; g < groups; ++g) {
+        __m256 t0 = _mm256_setzero_ps(), t1 = _mm256_setzero_ps();
+        for (int64_t j = g * gs; j < (g + 1) * gs; j += 16) {
+          t0 = _mm256_fmadd_ps(load8(w + j, I8()), _mm256_loadu_ps(xb + j), t0);
+          t1 = _mm256_fmadd_ps(load8(w + j + 8, I8()), _mm256_loadu_ps(xb + j + 8), t1);
+        }
+        acc = _mm256_fmadd_ps(_mm256_add_ps(t0, t1), _mm256_set1_ps(s[g]), acc);
+      }
+      __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+      h = _mm_hadd_ps(h, h);
+      h = _mm_hadd_ps(h, h);
+      y[b * rows + r] = _mm_cvtss_f32(h) + (bias ? bias[r] : 0.f);
+    }
+  }
+}
+
 // ----- the generic loops, compiled once per code path ---------------------------------------
 
 namespace isa_scalar {
@@ -293,10 +364,22 @@ void transpose_block(const float* x, int64_t cols, int64_t b0, int64_t nb, int B
   }
 }
 
+// y[j, r] = scales[r] * y[j, r] + bias[r] for rows [r0, r1) of nb output rows (int8 values).
+inline void scale_rows(const float* scales, const float* bias, float* y, int64_t ldy, int64_t nb, int64_t r0,
+                       int64_t r1) {
+  for (int64_t j = 0; j < nb; ++j) {
+    float* yj = y + j * ldy;
+    for (int64_t r = r0; r < r1; ++r) yj[r] = yj[r] * scales[r] + (bias ? bias[r] : 0.f);
+  }
+}
+
 template <typename V>
 void run_bitmap(const float* x, int64_t B, int64_t cols, const uint8_t* mask, int64_t row_bytes, const int32_t* row_ptr,
-                const typename V::T* vals, int64_t nnz, const float* bias, float* y, int64_t rows) {
+                const typename V::T* vals, int64_t nnz, const float* bias_in, float* y, int64_t rows,
+                const float* scales = nullptr) {
   const int isa = g_isa;
+  // With scales the row kernels add no bias; scale_rows applies scale and bias to each finished row.
+  const float* bias = scales ? nullptr : bias_in;
   if (B == 1) {
     at::parallel_for(0, rows, grain_rows(rows, nnz, 1), [&](int64_t r0, int64_t r1) {
       if (isa == ISA_AVX512)
@@ -305,6 +388,7 @@ void run_bitmap(const float* x, int64_t B, int64_t cols, const uint8_t* mask, in
         bitmap_gemv_avx2<V>(x, mask, row_bytes, cols, row_ptr, vals, vals + nnz, bias, y, r0, r1);
       else
         isa_scalar::bitmap_gemv<V>(x, mask, row_bytes, row_ptr, vals, bias, y, r0, r1);
+      if (scales) scale_rows(scales, bias_in, y, rows, 1, r0, r1);
     });
     return;
   }
@@ -333,6 +417,7 @@ void run_bitmap(const float* x, int64_t B, int64_t cols, const uint8_t* mask, in
         BITMAP_SPMM_CASE(64)
       }
 #undef BITMAP_SPMM_CASE
+      if (scales) scale_rows(scales, bias_in, yb, rows, nb, r0, r1);
     });
   }
 }
@@ -391,7 +476,8 @@ void check_common(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tens
               "row_ptr must be a contiguous int32 tensor of rows+1 entries");
   TORCH_CHECK(values.dim() == 1 && values.is_contiguous(), "values must be a contiguous 1-D tensor");
   const auto st = values.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, "values must be fp32, bf16 or fp16");
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf || st == at::kChar,
+              "values must be fp32, bf16, fp16 (or int8 with scales, bitmap only)");
   const int32_t total = row_ptr.data_ptr<int32_t>()[rows];
   TORCH_CHECK(values.numel() == total, "values has ", values.numel(), " entries but row_ptr says ", total);
   if (bias.has_value()) {
@@ -402,8 +488,16 @@ void check_common(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tens
 }
 
 at::Tensor bitmap_matmul(const at::Tensor& x, const at::Tensor& mask, const at::Tensor& row_ptr,
-                         const at::Tensor& values, const c10::optional<at::Tensor>& bias, int64_t rows, int64_t cols) {
+                         const at::Tensor& values, const c10::optional<at::Tensor>& bias, int64_t rows, int64_t cols,
+                         const c10::optional<at::Tensor>& scales) {
   check_common(x, row_ptr, values, bias, rows, cols);
+  const bool quantized = values.scalar_type() == at::kChar;
+  TORCH_CHECK(quantized == scales.has_value(), "scales must be given exactly when values are int8");
+  if (quantized) {
+    TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->dim() == 1 && scales->numel() == rows &&
+                    scales->is_contiguous(),
+                "scales must be a contiguous fp32 tensor of `rows` entries");
+  }
   const int64_t row_bytes = (cols + 7) / 8;
   TORCH_CHECK(mask.scalar_type() == at::kByte && mask.dim() == 2 && mask.size(0) == rows &&
                   mask.size(1) == row_bytes && mask.is_contiguous(),
@@ -416,6 +510,10 @@ at::Tensor bitmap_matmul(const at::Tensor& x, const at::Tensor& mask, const at::
   const auto* rp = row_ptr.data_ptr<int32_t>();
   const int64_t nnz = values.numel();
   switch (values.scalar_type()) {
+    case at::kChar:
+      run_bitmap<I8>(x.data_ptr<float>(), B, cols, m, row_bytes, rp, reinterpret_cast<const int8_t*>(values.data_ptr()),
+                     nnz, bp, y.data_ptr<float>(), rows, scales->data_ptr<float>());
+      break;
     case at::kFloat:
       run_bitmap<F32>(x.data_ptr<float>(), B, cols, m, row_bytes, rp, values.data_ptr<float>(), nnz, bp,
                       y.data_ptr<float>(), rows);
@@ -434,6 +532,7 @@ at::Tensor bitmap_matmul(const at::Tensor& x, const at::Tensor& mask, const at::
 at::Tensor csr_matmul(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx,
                       const at::Tensor& values, const c10::optional<at::Tensor>& bias, int64_t rows, int64_t cols) {
   check_common(x, row_ptr, values, bias, rows, cols);
+  TORCH_CHECK(values.scalar_type() != at::kChar, "csr16 does not store int8 values (use the bitmap format)");
   TORCH_CHECK(cols <= 65536, "csr16 supports at most 65536 columns");
   TORCH_CHECK(col_idx.scalar_type() == at::kShort && col_idx.dim() == 1 && col_idx.numel() == values.numel() &&
                   col_idx.is_contiguous(),
@@ -460,6 +559,46 @@ at::Tensor csr_matmul(const at::Tensor& x, const at::Tensor& row_ptr, const at::
   return y;
 }
 
+at::Tensor q8_matmul(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
+                     const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "x must be a contiguous 2-D fp32 CPU tensor");
+  TORCH_CHECK(qweight.device().is_cpu() && qweight.scalar_type() == at::kChar && qweight.dim() == 2 &&
+                  qweight.is_contiguous(),
+              "qweight must be a contiguous 2-D int8 CPU tensor");
+  const int64_t rows = qweight.size(0), cols = qweight.size(1);
+  TORCH_CHECK(x.size(1) == cols, "x has ", x.size(1), " features, qweight has ", cols, " columns");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.dim() == 2 && scales.size(0) == rows &&
+                  scales.size(1) >= 1 && scales.is_contiguous(),
+              "scales must be a contiguous fp32 tensor of shape (rows, groups)");
+  const int64_t groups = scales.size(1);
+  TORCH_CHECK(cols % groups == 0, "scales has ", groups, " groups, which do not divide ", cols, " columns");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->numel() == rows &&
+                    bias->is_contiguous(),
+                "bias must be a contiguous fp32 tensor of `rows` entries");
+  }
+  const int64_t B = x.size(0);
+  at::Tensor y = at::empty({B, rows}, x.options());
+  if (B == 0 || rows == 0) return y;
+  const float* xp = x.data_ptr<float>();
+  const auto* q = reinterpret_cast<const int8_t*>(qweight.data_ptr());
+  const float* sp = scales.data_ptr<float>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const int64_t gs = cols / groups;
+  const int isa = (gs % 16 == 0) ? g_isa : ISA_SCALAR;  // SIMD paths take whole 16-column steps
+  at::parallel_for(0, rows, grain_rows(rows, rows * cols, B), [&](int64_t r0, int64_t r1) {
+    if (isa == ISA_AVX512)
+      q8_gemv_avx512(xp, B, q, sp, cols, groups, bp, yp, rows, r0, r1);
+    else if (isa == ISA_AVX2)
+      q8_gemv_avx2(xp, B, q, sp, cols, groups, bp, yp, rows, r0, r1);
+    else
+      isa_scalar::q8_gemv(xp, B, q, sp, cols, groups, bp, yp, rows, r0, r1);
+  });
+  return y;
+}
+
 std::string get_isa() { return isa_name(g_isa); }
 std::string best_isa() { return isa_name(g_best_isa); }
 
@@ -472,13 +611,19 @@ void set_isa(const std::string& name) {
 
 }  // namespace
 
+void register_decode_engine(pybind11::module& m);  // decode_engine.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ipu_sparse sparse x dense CPU kernels (bitmap and csr16 formats)";
-  m.def("bitmap_matmul", &bitmap_matmul, "y = x @ W.T + bias, W in bitmap format", py::arg("x"), py::arg("mask"),
-        py::arg("row_ptr"), py::arg("values"), py::arg("bias"), py::arg("rows"), py::arg("cols"));
+  m.def("bitmap_matmul", &bitmap_matmul, "y = x @ W.T + bias, W in bitmap format (int8 values need scales)",
+        py::arg("x"), py::arg("mask"), py::arg("row_ptr"), py::arg("values"), py::arg("bias"), py::arg("rows"),
+        py::arg("cols"), py::arg("scales") = py::none());
+  m.def("q8_matmul", &q8_matmul, "y = x @ W.T + bias, W = qweight (rows, cols) int8 * scales (rows, G) per group",
+        py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("bias") = py::none());
   m.def("csr_matmul", &csr_matmul, "y = x @ W.T + bias, W in csr16 format", py::arg("x"), py::arg("row_ptr"),
         py::arg("col_idx"), py::arg("values"), py::arg("bias"), py::arg("rows"), py::arg("cols"));
   m.def("isa", &get_isa, "the code path in use");
   m.def("best_isa", &best_isa, "the best code path this CPU supports");
   m.def("set_isa", &set_isa, "force a code path (avx512, avx2, scalar) no better than best_isa()");
+  register_decode_engine(m);
 }

@@ -134,7 +134,15 @@ def test_plain_pip_install_compiles_the_kernel_on_first_use(tmp_path):
     installed = Path(vsite, "ipu_sparse", "sparse")
     assert sorted(p.name for p in (installed / "csrc").iterdir()) == sorted(
         p.name for p in (ROOT / build.CSRC).iterdir() if p.suffix in (".cpp", ".h"))
-    assert not list(installed.glob("_kernels*"))  # torch was not importable at build time: nothing compiled
+    built = list(installed.glob("_kernels*"))
+    if sys.version_info >= (3, 9):
+        assert not built  # torch was not importable at build time: nothing compiled
+    else:
+        # the pip of the Python 3.8 environment processes the venv's .pth inside its isolated build, so
+        # torch (made visible by dev_deps.pth) can compile the kernel at install time; drop that build
+        # so the first-use compile below is what gets tested
+        for p in built:
+            p.unlink()
     first = subprocess.run([str(py), "-c", CHECK], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stdout + first.stderr
     assert build.JIT_MESSAGE in first.stderr and "ok" in first.stdout

@@ -36,6 +36,8 @@
 #include <sched.h>
 
 #include <immintrin.h>
+
+#include "mask_bits.h"
 #include <atomic>
 #include <chrono>
 #include <cmath>
@@ -105,15 +107,7 @@ inline void store_value(void* p, int vt, int64_t i, float v) {
 }
 inline int value_size(int vt) { return vt == VT_F32 ? 4 : vt == VT_I8 ? 1 : 2; }
 
-inline uint64_t load_mask_bits(const uint8_t* p, int64_t nbytes) {
-  uint64_t w = 0;
-  if (nbytes >= 8) {
-    std::memcpy(&w, p, 8);
-  } else {
-    for (int64_t i = 0; i < nbytes; ++i) w |= uint64_t(p[i]) << (8 * i);
-  }
-  return w;
-}
+using ipu_sparse_csrc::load_bits;  // mask_bits.h
 
 struct Mat {
   int kind = MK_DENSE, vt = VT_F32;
@@ -302,7 +296,7 @@ ENGINE_AVX512 void bitmap_rows_avx512(const Mat& m, int64_t r0, int64_t r1, cons
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
     int64_t k = m.row_ptr[r];
     for (int64_t wi = 0; wi < nwords; ++wi) {
-      const uint64_t bits = load_mask_bits(mk + 8 * wi, m.row_bytes - 8 * wi);
+      const uint64_t bits = load_bits(mk + 8 * wi, m.row_bytes - 8 * wi);
       if (!bits) continue;
       const float* xp = x + 64 * wi;
       if (VT == VT_F32) {
@@ -366,7 +360,7 @@ ENGINE_AVX512 void bitmap_rows_bf16dot_avx512(const Mat& m, int64_t r0, int64_t 
     __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
     const uint16_t* p = static_cast<const uint16_t*>(m.w) + m.row_ptr[r];
     for (int64_t wi = 0; wi < nwords; ++wi) {
-      const uint64_t bits = load_mask_bits(mk + 8 * wi, m.row_bytes - 8 * wi);
+      const uint64_t bits = load_bits(mk + 8 * wi, m.row_bytes - 8 * wi);
       const int o1 = __builtin_popcountll(bits & 0xFFFFFFFFull);
       const __m512i v0 = _mm512_maskz_expandloadu_epi16((__mmask32)(bits & 0xFFFFFFFFull), p);
       const __m512i v1 = _mm512_maskz_expandloadu_epi16((__mmask32)(bits >> 32), p + o1);
@@ -400,8 +394,8 @@ ENGINE_AVX512 void q8_rows_avx512(const Mat& m, int64_t r0, int64_t r1, const ui
       __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
       int64_t wi = 0;
       for (; wi + 2 <= nwords; wi += 2) {
-        const uint64_t b0 = load_mask_bits(mk + 8 * wi, m.row_bytes - 8 * wi);
-        const uint64_t b1 = load_mask_bits(mk + 8 * wi + 8, m.row_bytes - 8 * wi - 8);
+        const uint64_t b0 = load_bits(mk + 8 * wi, m.row_bytes - 8 * wi);
+        const uint64_t b1 = load_bits(mk + 8 * wi + 8, m.row_bytes - 8 * wi - 8);
         const __m512i v0 = _mm512_maskz_expandloadu_epi8((__mmask64)b0, p);
         p += __builtin_popcountll(b0);
         const __m512i v1 = _mm512_maskz_expandloadu_epi8((__mmask64)b1, p);
@@ -410,7 +404,7 @@ ENGINE_AVX512 void q8_rows_avx512(const Mat& m, int64_t r0, int64_t r1, const ui
         a1 = q8_block(a1, xq, xsc, wi + 1, v1);
       }
       for (; wi < nwords; ++wi) {
-        const uint64_t b0 = load_mask_bits(mk + 8 * wi, m.row_bytes - 8 * wi);
+        const uint64_t b0 = load_bits(mk + 8 * wi, m.row_bytes - 8 * wi);
         const __m512i v0 = _mm512_maskz_expandloadu_epi8((__mmask64)b0, p);
         p += __builtin_popcountll(b0);
         a0 = q8_block(a0, xq, xsc, wi, v0);

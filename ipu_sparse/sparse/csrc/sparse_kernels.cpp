@@ -28,6 +28,8 @@
 #include <c10/util/Half.h>
 
 #include <immintrin.h>
+
+#include "mask_bits.h"
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -72,16 +74,7 @@ inline __attribute__((always_inline)) float to_f32(uint16_t v, BF16) {
 inline __attribute__((always_inline)) float to_f32(uint16_t v, F16) { return c10::detail::fp16_ieee_to_fp32_value(v); }
 inline __attribute__((always_inline)) float to_f32(int8_t v, I8) { return float(v); }
 
-inline uint64_t load_bits(const uint8_t* p, int64_t nbytes) {
-  // Little-endian read of up to 8 bytes (fewer at the end of a row).
-  uint64_t w = 0;
-  if (nbytes >= 8) {
-    std::memcpy(&w, p, 8);
-  } else {
-    for (int64_t i = 0; i < nbytes; ++i) w |= uint64_t(p[i]) << (8 * i);
-  }
-  return w;
-}
+using ipu_sparse_csrc::load_bits;  // mask_bits.h
 
 // ----- AVX-512 batch-1 kernels ------------------------------------------------------
 
